@@ -1,0 +1,35 @@
+-- create_activity.lua: create an activity, or replace one that has not started, and load its
+-- stock into Redis (the warm-up: the purchase path never reads the database).
+--
+-- KEYS[1] meta  KEYS[2] stock  KEYS[3] holders  KEYS[4] orders  KEYS[5] deadlines
+-- KEYS[6] counters
+-- ARGV: id, sku_id, title, price_cents, stock, per_user_limit, starts_at_ms, ends_at_ms,
+--       payment_timeout_s
+--
+-- Returns {"created"} or {"replaced"}, or {"conflict", reason} when the existing activity has
+-- started or already holds orders (nothing is changed then).
+
+local existing_start = redis.call('HGET', KEYS[1], 'starts_at_ms')
+if existing_start then
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if now_ms >= tonumber(existing_start) then
+    return {'conflict', 'activity has already started'}
+  end
+  if redis.call('HLEN', KEYS[4]) > 0 then
+    return {'conflict', 'activity already holds orders'}
+  end
+end
+
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('HSET', KEYS[1],
+  'id', ARGV[1], 'sku_id', ARGV[2], 'title', ARGV[3], 'price_cents', ARGV[4],
+  'stock', ARGV[5], 'per_user_limit', ARGV[6], 'starts_at_ms', ARGV[7],
+  'ends_at_ms', ARGV[8], 'payment_timeout_s', ARGV[9])
+redis.call('SET', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[6], 'initial_stock', ARGV[5], 'orders_created', 0,
+  'reserved', 0, 'paid', 0, 'released', 0)
+if existing_start then
+  return {'replaced'}
+end
+return {'created'}

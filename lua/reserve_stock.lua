@@ -1,0 +1,90 @@
+-- reserve_stock.lua: pre-lock stock for one order and queue it for the writer, atomically.
+--
+-- KEYS[1] meta       hash    activity definition (starts_at_ms, ends_at_ms, per_user_limit, ...)
+-- KEYS[2] stock      string  quantity still on sale
+-- KEYS[3] holders    hash    user id -> quantity held in live orders
+-- KEYS[4] orders     hash    order id -> msgpack order record
+-- KEYS[5] deadlines  zset    order id -> payment deadline (ms), read by the expiry sweeper
+-- KEYS[6] stream     stream  accepted orders for the order writer (field "o": msgpack record)
+-- KEYS[7] counters   hash    orders_created (count), reserved (quantity held, unpaid)
+-- KEYS[8] idem       string  msgpack {fingerprint, order_id, quantity, expires_at_ms}
+-- ARGV[1] user id
+-- ARGV[2] quantity (integer >= 1)
+-- ARGV[3] request fingerprint (same body <=> same fingerprint)
+-- ARGV[4] candidate order id (used only if an order is created)
+-- ARGV[5] idempotency ttl, seconds
+-- ARGV[6] gate: "" to sell, or an error code ("degraded", "paused", "rate_limited", ...) that
+--         answers after the idempotency check, so replays still replay
+--
+-- Returns one of
+--   {"ok", order_id, quantity, expires_at_ms, stock_left}
+--   {"replay", order_id, quantity, expires_at_ms}
+--   {code}  with code in not_found, reused, <gate>, not_started, ended, limit_reached,
+--           sold_out, collision
+--
+-- Every check runs before the first write: Redis does not roll back a script that fails halfway.
+
+local user = ARGV[1]
+local quantity = tonumber(ARGV[2])
+local fingerprint = ARGV[3]
+local order_id = ARGV[4]
+local idem_ttl = tonumber(ARGV[5])
+local gate = ARGV[6]
+
+local meta = redis.call('HMGET', KEYS[1], 'id', 'starts_at_ms', 'ends_at_ms',
+                        'per_user_limit', 'payment_timeout_s')
+if not meta[1] then
+  return {'not_found'}
+end
+
+local stored = redis.call('GET', KEYS[8])
+if stored then
+  local answer = cmsgpack.unpack(stored)
+  if answer[1] ~= fingerprint then
+    return {'reused'}
+  end
+  return {'replay', answer[2], answer[3], answer[4]}
+end
+
+if gate ~= '' then
+  return {gate}
+end
+
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now_ms < tonumber(meta[2]) then
+  return {'not_started'}
+end
+if now_ms >= tonumber(meta[3]) then
+  return {'ended'}
+end
+
+-- limit_reached wins over sold_out: a user at the limit learns why, whatever the stock
+local held = tonumber(redis.call('HGET', KEYS[3], user) or '0')
+if held + quantity > tonumber(meta[4]) then
+  return {'limit_reached'}
+end
+local available = tonumber(redis.call('GET', KEYS[2]) or '0')
+if available < quantity then
+  return {'sold_out'}
+end
+if redis.call('HEXISTS', KEYS[4], order_id) == 1 then
+  return {'collision'}
+end
+
+-- writes: all checks passed
+local expires_at_ms = now_ms + tonumber(meta[5]) * 1000
+local record = cmsgpack.pack({
+  order_id = order_id, activity_id = meta[1], user_id = user, quantity = quantity,
+  status = 'reserved', created_at = now_ms, expires_at = expires_at_ms, paid_at = 0,
+})
+local left = redis.call('DECRBY', KEYS[2], quantity)
+redis.call('HINCRBY', KEYS[3], user, quantity)
+redis.call('HSET', KEYS[4], order_id, record)
+redis.call('ZADD', KEYS[5], expires_at_ms, order_id)
+redis.call('XADD', KEYS[6], '*', 'o', record)
+redis.call('HINCRBY', KEYS[7], 'orders_created', 1)
+redis.call('HINCRBY', KEYS[7], 'reserved', quantity)
+redis.call('SET', KEYS[8], cmsgpack.pack({fingerprint, order_id, quantity, expires_at_ms}),
+           'EX', idem_ttl)
+return {'ok', order_id, quantity, expires_at_ms, left}

@@ -1,0 +1,5 @@
+"""`python -m seckill` is `seckill`."""
+
+from seckill.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""User JWTs (HS256, claim sub) and the admin bearer token."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+import jwt
+
+from seckill.errors import Unauthorized
+
+_CACHE_MAX = 200_000
+
+
+class UserAuth:
+    """Verifies user tokens; remembers verified ones until they expire.
+
+    A shopper taps "buy" many times with the same token within seconds: re-checking the
+    signature each time is pure cost, and the cache key is the exact signed string.
+    """
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+        self._verified: dict[str, tuple[str, float]] = {}
+
+    def user_id(self, authorization: str | None) -> str:
+        """The token's ``sub``; Unauthorized when missing, malformed, expired or forged."""
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Unauthorized("a Bearer token is required")
+        token = authorization[7:].strip()
+        hit = self._verified.get(token)
+        if hit is not None:
+            if hit[1] > time.time():
+                return hit[0]
+            del self._verified[token]
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                options={"require": ["exp", "sub"]},
+            )
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise Unauthorized("invalid or expired token") from None
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not 1 <= len(subject) <= 64:
+            raise Unauthorized("token subject must be a user id of 1-64 characters")
+        if len(self._verified) >= _CACHE_MAX:
+            self._verified.clear()
+        self._verified[token] = (subject, float(claims["exp"]))
+        return subject
+
+    def mint(self, user_id: str, ttl_s: int) -> str:
+        """A signed token for ``user_id`` valid for ``ttl_s`` seconds."""
+        if not 1 <= len(user_id) <= 64:
+            raise ValueError("user id must be 1-64 characters")
+        now = int(time.time())
+        return jwt.encode(
+            {"sub": user_id, "iat": now, "exp": now + ttl_s}, self._secret, algorithm="HS256"
+        )
+
+
+class AdminAuth:
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def check(self, authorization: str | None) -> None:
+        """Unauthorized unless the header is exactly the admin bearer token (constant time)."""
+        given = (authorization or "").encode()
+        if not hmac.compare_digest(given, self._expected):
+            raise Unauthorized("admin token required")

@@ -1,0 +1,204 @@
+"""Per-process cache of activities, stock left and sold-out marks.
+
+The sold-out fast path answers ``sold_out`` without Redis, but only to users who hold no order
+in the activity: a winner's retry must still reach Redis and get its replayed 202. So a mark
+carries a snapshot of the activity's holders, valid only for the ``orders_created`` count it
+was taken at. Marks and snapshots are kept fresh by pub/sub events (sold out, restock, activity
+changed) and by a periodic re-read, so a lost message or a returned item is corrected within
+``refresh_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from seckill import keys
+from seckill.activities import Activity
+from seckill.errors import RedisUnavailable
+from seckill.scripts import CONNECTION_ERRORS
+
+log = logging.getLogger(__name__)
+
+_MAX_NEGATIVE = 10_000
+
+
+@dataclass(slots=True)
+class Entry:
+    """What this process knows of one activity."""
+
+    activity: Activity
+    stock_left: int
+    orders_created: int
+    # users holding orders, as of holders_version == orders_created; None: no usable snapshot
+    holders: frozenset[str] | None = None
+    holders_version: int = -1
+
+    def sold_out_for(self, user_id: str) -> bool:
+        """True when the fast path may answer sold_out to this user without asking Redis."""
+        return (
+            self.stock_left <= 0
+            and self.holders is not None
+            and self.holders_version == self.orders_created
+            and user_id not in self.holders
+        )
+
+
+class Catalog:
+    def __init__(self, client: Redis, *, refresh_interval_s: float, negative_cache_s: float):
+        self._client = client
+        self._refresh_interval_s = refresh_interval_s
+        self._negative_cache_s = negative_cache_s
+        self._entries: dict[str, Entry] = {}
+        self._missing: dict[str, float] = {}
+        self._loading: dict[str, asyncio.Future[Entry | None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def entries(self) -> dict[str, Entry]:
+        """The activities this process has seen."""
+        return self._entries
+
+    async def get(self, activity_id: str) -> Entry | None:
+        """The cached entry, loading it once (single flight) on a miss; None if unknown."""
+        entry = self._entries.get(activity_id)
+        if entry is not None:
+            return entry
+        until = self._missing.get(activity_id)
+        if until is not None and until > time.monotonic():
+            return None
+        loading = self._loading.get(activity_id)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+        self._loading[activity_id] = future
+        try:
+            entry = await self._load(activity_id)
+            future.set_result(entry)
+            return entry
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody else needs to
+            raise
+        finally:
+            del self._loading[activity_id]
+
+    async def _load(self, activity_id: str) -> Entry | None:
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hgetall(keys.meta(activity_id))
+            pipe.get(keys.stock(activity_id))
+            pipe.hget(keys.counters(activity_id), "orders_created")
+            meta, stock, created = await pipe.execute()
+        except CONNECTION_ERRORS as exc:
+            raise RedisUnavailable() from exc
+        if not meta:
+            if len(self._missing) >= _MAX_NEGATIVE:
+                now = time.monotonic()
+                self._missing = {k: v for k, v in self._missing.items() if v > now}
+            self._missing[activity_id] = time.monotonic() + self._negative_cache_s
+            self._entries.pop(activity_id, None)
+            return None
+        self._missing.pop(activity_id, None)
+        entry = Entry(Activity.from_meta(meta), int(stock or 0), int(created or 0))
+        previous = self._entries.get(activity_id)
+        if previous is not None and previous.activity == entry.activity:
+            entry.holders, entry.holders_version = previous.holders, previous.holders_version
+        if entry.stock_left <= 0 and entry.holders_version != entry.orders_created:
+            await self._snapshot_holders(activity_id, entry)
+        self._entries[activity_id] = entry
+        return entry
+
+    async def _snapshot_holders(self, activity_id: str, entry: Entry) -> None:
+        # one MULTI so the holders and the count they belong to are read at the same instant
+        pipe = self._client.pipeline(transaction=True)
+        pipe.get(keys.stock(activity_id))
+        pipe.hget(keys.counters(activity_id), "orders_created")
+        pipe.hkeys(keys.holders(activity_id))
+        stock, created, holders = await pipe.execute()
+        entry.stock_left = int(stock or 0)
+        entry.orders_created = int(created or 0)
+        entry.holders = frozenset(h.decode() for h in holders)
+        entry.holders_version = entry.orders_created
+
+    def note_reserved(self, activity_id: str, stock_left: int) -> None:
+        """A reservation here left ``stock_left``: at 0, tell every process."""
+        entry = self._entries.get(activity_id)
+        if entry is None:
+            return
+        entry.stock_left = stock_left
+        entry.orders_created += 1  # invalidates this process's holders snapshot at once
+        if stock_left <= 0:
+            self._spawn(self._announce_sold_out(activity_id))
+
+    def note_sold_out(self, activity_id: str) -> None:
+        """Redis said sold_out but this process had no usable mark: re-read soon."""
+        entry = self._entries.get(activity_id)
+        if entry is not None and entry.holders is None:
+            self._spawn(self._reload_quietly(activity_id))
+
+    async def _announce_sold_out(self, activity_id: str) -> None:
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await self._client.publish(keys.EVENTS_CHANNEL, f"soldout:{activity_id}")
+        await self._reload_quietly(activity_id)
+
+    async def _reload_quietly(self, activity_id: str) -> None:
+        try:
+            await self._load(activity_id)
+        except (RedisUnavailable, *CONNECTION_ERRORS):
+            log.warning("could not refresh activity %s", activity_id)
+
+    async def refresh_all(self) -> None:
+        """Re-read every cached activity (the periodic correction of lost events)."""
+        for activity_id in list(self._entries):
+            await self._reload_quietly(activity_id)
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_event(self, data: str) -> None:
+        kind, _, activity_id = data.partition(":")
+        if kind == "activity":
+            self._missing.pop(activity_id, None)
+        if kind in {"activity", "soldout", "restock"} and (
+            activity_id in self._entries or kind == "activity"
+        ):
+            self._spawn(self._reload_quietly(activity_id))
+
+    async def run(self) -> None:
+        """Background work: the pub/sub listener and the periodic refresh, until cancelled."""
+        listener = asyncio.create_task(self._listen())
+        try:
+            while True:
+                await asyncio.sleep(self._refresh_interval_s)
+                await self.refresh_all()
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            for task in list(self._tasks):
+                task.cancel()
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                await pubsub.subscribe(keys.EVENTS_CHANNEL)
+                # events may have been missed while (re)connecting
+                await self.refresh_all()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message["type"] == "message":
+                        self._on_event(message["data"].decode())
+            except CONNECTION_ERRORS:
+                log.warning("event subscription lost; resubscribing")
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()

@@ -1,0 +1,28 @@
+"""Wall-clock helpers: epoch milliseconds in, RFC 3339 UTC out."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+
+def now_ms() -> int:
+    """Current time in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def to_rfc3339(ms: int) -> str:
+    """Epoch ms as RFC 3339 UTC with millisecond precision, e.g. 2026-11-22T10:00:00.000Z."""
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def parse_rfc3339(text: str) -> int:
+    """RFC 3339 timestamp (any offset, 'Z' allowed) as epoch ms; ValueError otherwise."""
+    if not isinstance(text, str) or len(text) < 20 or text[10] not in "Tt":
+        raise ValueError("expected an RFC 3339 timestamp such as 2026-11-22T10:00:00Z")
+    normalized = text[:-1] + "+00:00" if text[-1] in "Zz" else text
+    moment = datetime.fromisoformat(normalized)
+    if moment.tzinfo is None:
+        raise ValueError("timestamp needs a time zone offset (use Z for UTC)")
+    return int(moment.timestamp() * 1000)

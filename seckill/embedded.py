@@ -1,0 +1,102 @@
+"""A private redis-server for `seckill up`: free loopback port, data under var/, AOF on."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "no redis-server binary found: install one (Debian/Ubuntu: apt-get install redis-server; "
+    "macOS: brew install redis) or point seckill at an existing Redis with "
+    "SECKILL_REDIS_URL=redis://host:6379/0"
+)
+
+
+class EmbeddedRedisError(RuntimeError):
+    """The private redis-server could not be started."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EmbeddedRedis:
+    """Starts and stops one redis-server child process."""
+
+    def __init__(self, data_dir: Path, *, appendfsync: str = "everysec", port: int = 0) -> None:
+        self.data_dir = data_dir
+        self.appendfsync = appendfsync
+        self.port = port
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        """Start redis-server and wait until it answers; returns its URL."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise EmbeddedRedisError(INSTALL_HINT)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        command = [
+            binary,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.data_dir.resolve()),
+            "--daemonize", "no",
+            "--logfile", "redis.log",
+            # orders live here until the writer persists them: AOF, not snapshots
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            "--save", "",
+            "--protected-mode", "yes",
+        ]
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            while True:
+                if self._process.poll() is not None:
+                    raise EmbeddedRedisError(
+                        f"redis-server exited with {self._process.returncode}; "
+                        f"see {self.data_dir / 'redis.log'}"
+                    )
+                try:
+                    if client.ping():
+                        break
+                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise EmbeddedRedisError(f"redis-server did not answer within {timeout_s}s")
+                time.sleep(0.05)
+        finally:
+            client.close()
+        log.info("embedded redis-server on port %d, data in %s", self.port, self.data_dir)
+        return self.url
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (Redis flushes its AOF on the way out), then SIGKILL if it lingers."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

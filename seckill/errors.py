@@ -1,0 +1,105 @@
+"""One root error; each subclass carries the HTTP status and the contract's error code."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class SeckillError(Exception):
+    """Root of every error seckill answers to a client."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+    default_message: ClassVar[str] = "internal error"
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
+        super().__init__(message or self.default_message)
+        self.message = message or self.default_message
+        self.retry_after = retry_after
+
+
+class InvalidRequest(SeckillError):
+    status, code, default_message = 400, "invalid_request", "the request is malformed"
+
+
+class Unauthorized(SeckillError):
+    status, code, default_message = 401, "unauthorized", "missing or invalid credentials"
+
+
+class NotFound(SeckillError):
+    status, code, default_message = 404, "not_found", "no such resource"
+
+
+class MethodNotAllowed(SeckillError):
+    status, code, default_message = 405, "method_not_allowed", "method not allowed here"
+
+
+class Conflict(SeckillError):
+    """409 with one of the contract's conflict codes."""
+
+    status, code, default_message = 409, "conflict", "the change is not allowed now"
+
+
+class SoldOut(Conflict):
+    code, default_message = "sold_out", "sold out"
+
+
+class LimitReached(Conflict):
+    code, default_message = "limit_reached", "you already hold the most this activity allows"
+
+
+class NotStarted(Conflict):
+    code, default_message = "not_started", "the sale has not started yet"
+
+
+class Ended(Conflict):
+    code, default_message = "ended", "the sale has ended"
+
+
+class NotCancellable(Conflict):
+    code, default_message = "not_cancellable", "only a reserved order can be cancelled"
+
+
+class IdempotencyConflict(Conflict):
+    code, default_message = "idempotency_conflict", "a request with this key is in progress"
+
+
+class PayloadTooLarge(SeckillError):
+    status, code, default_message = 413, "payload_too_large", "request body too large"
+
+
+class IdempotencyKeyReused(SeckillError):
+    status = 422
+    code = "idempotency_key_reused"
+    default_message = "this Idempotency-Key was used with a different body"
+
+
+class RateLimited(SeckillError):
+    status, code, default_message = 429, "rate_limited", "too many requests, retry later"
+
+
+class Unavailable(SeckillError):
+    """503 family: always carries Retry-After."""
+
+    status, code, default_message = 503, "overloaded", "service overloaded, retry later"
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = 1) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class Degraded(Unavailable):
+    code, default_message = "degraded", "this function is switched off for now"
+
+
+class Paused(Unavailable):
+    code, default_message = "paused", "this activity is paused"
+
+
+class Overloaded(Unavailable):
+    code, default_message = "overloaded", "service overloaded, retry later"
+
+
+class RedisUnavailable(Overloaded):
+    """Redis did not answer in time: never sell without it (fail closed)."""
+
+    default_message = "stock service unavailable, retry later"

@@ -1,0 +1,103 @@
+"""The only place Redis keys are spelled.
+
+Every key of one activity carries the hash tag ``{a:<id>}`` so that the scripts, which touch
+several of them at once, run unchanged on Redis Cluster (all keys of a script in one slot).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Final
+
+ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+IDEMPOTENCY_KEY_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# An order id names its activity, so any process can find the order's keys (and its hash
+# slot) from the id alone; the random part makes ids unguessable.
+ORDER_ID_PATTERN: Final = re.compile(r"([A-Za-z0-9_-]{1,64})\.([0-9a-f]{20})")
+
+PREFIX: Final = "sk"
+ACTIVITIES: Final = f"{PREFIX}:activities"
+EVENTS_CHANNEL: Final = f"{PREFIX}:events"
+
+
+def _tag(activity_id: str) -> str:
+    return f"{PREFIX}:{{a:{activity_id}}}"
+
+
+def meta(activity_id: str) -> str:
+    """Hash of the activity's definition (times in epoch ms)."""
+    return f"{_tag(activity_id)}:meta"
+
+
+def stock(activity_id: str) -> str:
+    """Integer: quantity still on sale."""
+    return f"{_tag(activity_id)}:stock"
+
+
+def holders(activity_id: str) -> str:
+    """Hash user id -> quantity the user holds in live (reserved or paid) orders."""
+    return f"{_tag(activity_id)}:holders"
+
+
+def orders(activity_id: str) -> str:
+    """Hash order id -> msgpack order record (the live copy the gateway answers from)."""
+    return f"{_tag(activity_id)}:orders"
+
+
+def deadlines(activity_id: str) -> str:
+    """Sorted set order id -> payment deadline (epoch ms) of reserved orders."""
+    return f"{_tag(activity_id)}:deadlines"
+
+
+def stream(activity_id: str) -> str:
+    """Stream of accepted orders (msgpack) for the order writer."""
+    return f"{_tag(activity_id)}:stream"
+
+
+def counters(activity_id: str) -> str:
+    """Hash of cumulative counts: orders_created, reserved, paid, released."""
+    return f"{_tag(activity_id)}:counters"
+
+
+def idempotency(activity_id: str, user_id: str, key: str) -> str:
+    """String: the stored 202 answer of (user, activity, Idempotency-Key)."""
+    # user ids may hold any character; a length prefix keeps user/key boundaries unambiguous
+    return f"{_tag(activity_id)}:idem:{len(user_id)}:{user_id}:{key}"
+
+
+def reserve_keys(activity_id: str, user_id: str, key: str) -> list[str]:
+    """KEYS of reserve_stock.lua, in its order."""
+    return [
+        meta(activity_id),
+        stock(activity_id),
+        holders(activity_id),
+        orders(activity_id),
+        deadlines(activity_id),
+        stream(activity_id),
+        counters(activity_id),
+        idempotency(activity_id, user_id, key),
+    ]
+
+
+def activity_keys(activity_id: str) -> list[str]:
+    """KEYS of create_activity.lua, in its order."""
+    return [
+        meta(activity_id),
+        stock(activity_id),
+        holders(activity_id),
+        orders(activity_id),
+        deadlines(activity_id),
+        counters(activity_id),
+    ]
+
+
+def new_order_id(activity_id: str) -> str:
+    """A fresh, unguessable order id that names its activity."""
+    return f"{activity_id}.{secrets.token_hex(10)}"
+
+
+def activity_of_order(order_id: str) -> str | None:
+    """The activity id an order id names, or None for a malformed id."""
+    match = ORDER_ID_PATTERN.fullmatch(order_id)
+    return match.group(1) if match else None

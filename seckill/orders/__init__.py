@@ -1,0 +1,1 @@
+"""Orders after the purchase path: the record, and (next) the writer, store and sweeper."""

@@ -1,0 +1,185 @@
+"""Lua scripts: read once from lua/, called by SHA, coalesced into pipelined round trips."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from seckill import resources
+from seckill.errors import RedisUnavailable
+
+log = logging.getLogger(__name__)
+
+Arg = str | int | bytes
+
+# Failures that mean "Redis did not answer": the caller fails closed (503), and a retried
+# request is safe because every script is idempotent under its Idempotency-Key.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """One Lua file, known by its SHA1."""
+
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def from_file(cls, path: Path) -> Script:
+        source = path.read_text(encoding="utf-8")
+        return cls(path.stem, source, hashlib.sha1(source.encode()).hexdigest())
+
+    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """EVALSHA, loading the script on NOSCRIPT (e.g. after a Redis restart)."""
+        try:
+            try:
+                return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            except redis_errors.NoScriptError:
+                await client.script_load(self.source)
+                return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        except CONNECTION_ERRORS as exc:
+            raise RedisUnavailable() from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    """Every script seckill runs."""
+
+    reserve_stock: Script
+    create_activity: Script
+
+    @classmethod
+    def from_dir(cls, directory: Path | None = None) -> Scripts:
+        directory = directory or resources.lua_dir()
+        return cls(
+            **{
+                name: Script.from_file(directory / f"{name}.lua")
+                for name in cls.__dataclass_fields__
+            }
+        )
+
+    def all(self) -> list[Script]:
+        return [getattr(self, name) for name in self.__dataclass_fields__]
+
+    async def load(self, client: Redis) -> None:
+        """SCRIPT LOAD every script (at start and after Redis lost its script cache)."""
+        for script in self.all():
+            sha = await client.script_load(script.source)
+            if sha != script.sha:  # pragma: no cover - would mean a Redis bug
+                raise RuntimeError(f"Redis returned sha {sha} for {script.name}")
+
+    async def loaded(self, client: Redis) -> bool:
+        """True when Redis holds every script (readiness)."""
+        flags = await client.script_exists(*(s.sha for s in self.all()))
+        return all(flags)
+
+
+_Call = tuple[Script, Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
+
+
+class Coalescer:
+    """Coalesces the script calls of concurrent requests into pipelined round trips.
+
+    One ``await script(...)`` per request spends most of its time in a network round trip and
+    the client's per-call overhead. Calls made while a pipeline is in flight wait for the next
+    one, so under load each round trip carries many calls; at low load a call goes out on the
+    next loop iteration. At most ``in_flight`` pipelines (pooled connections) are used at once.
+    """
+
+    def __init__(self, client: Redis, *, max_batch: int, in_flight: int) -> None:
+        self._client = client
+        self._max_batch = max_batch
+        self._in_flight = in_flight
+        self._pending: list[_Call] = []
+        self._senders = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def call(
+        self, script: Script, keys: Sequence[str], args: Sequence[Arg]
+    ) -> asyncio.Future[Any]:
+        """Queue one EVALSHA; the future gets its reply or RedisUnavailable."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((script, keys, args, future))
+        if not self._scheduled:
+            self._scheduled = True
+            # next iteration: every request parsed from this batch of reads joins the pipeline
+            loop.call_soon(self._start_senders)
+        return future
+
+    def _start_senders(self) -> None:
+        self._scheduled = False
+        while self._pending and self._senders < self._in_flight:
+            self._senders += 1
+            task = asyncio.create_task(self._send())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                await self._execute(batch)
+        finally:
+            self._senders -= 1
+
+    async def _execute(self, batch: list[_Call]) -> None:
+        try:
+            replies = await self._pipeline(batch)
+            missing = [
+                i for i, r in enumerate(replies) if isinstance(r, redis_errors.NoScriptError)
+            ]
+            if missing:
+                # NOSCRIPT means "not run": loading and resending those calls is safe
+                for script in {batch[i][0] for i in missing}:
+                    await self._client.script_load(script.source)
+                retried = await self._pipeline([batch[i] for i in missing])
+                for i, reply in zip(missing, retried, strict=True):
+                    replies[i] = reply
+        except CONNECTION_ERRORS as exc:
+            for *_, future in batch:
+                if not future.done():
+                    error = RedisUnavailable()
+                    error.__cause__ = exc
+                    future.set_exception(error)
+            return
+        except BaseException as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        for (*_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for script, keys, args, _ in batch:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        return await pipe.execute(raise_on_error=False)
+
+    async def close(self) -> None:
+        """Wait for the pipelines in flight."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,101 @@
+"""Running the gateway: one process, or several sharing a port with SO_REUSEPORT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import uvloop
+from aiohttp import web
+
+from seckill.settings import Settings
+from seckill.web.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+async def serve_until_signal(
+    settings: Settings,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[str], None] | None = None,
+    until: Awaitable[object] | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM (or ``until``): stop accepting, finish in-flight, return."""
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        access_log=None,  # a storm of access lines would cost more than the requests
+        shutdown_timeout=settings.server.shutdown_timeout_s,
+    )
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        settings.server.host,
+        settings.server.port,
+        reuse_port=reuse_port or None,
+        backlog=4096,
+        shutdown_timeout=settings.server.shutdown_timeout_s,
+    )
+    await site.start()
+    port = settings.server.port
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        port = server.sockets[0].getsockname()[1]
+    url = f"http://{settings.server.host}:{port}"
+    if on_ready is not None:
+        on_ready(url)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if until is not None:
+        waiters.append(asyncio.ensure_future(until))
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        log.info("shutting down: finishing in-flight requests")
+        await runner.cleanup()
+
+
+def _worker(settings: Settings) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM stops us
+    uvloop.run(serve_until_signal(settings, reuse_port=True))
+
+
+def serve(settings: Settings, workers: int, on_ready: Callable[[str], None]) -> int:
+    """Run ``workers`` gateway processes on one port; returns the exit code."""
+    if workers == 1:
+        uvloop.run(serve_until_signal(settings, on_ready=on_ready))
+        return 0
+    if settings.server.port == 0:
+        print("seckill: --workers > 1 needs a fixed --port", file=sys.stderr)
+        return 2
+    context = multiprocessing.get_context("spawn")
+    children = [context.Process(target=_worker, args=(settings,)) for _ in range(workers)]
+    for child in children:
+        child.start()
+    on_ready(f"http://{settings.server.host}:{settings.server.port}")
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    failed = 0
+    for child in children:
+        child.join()
+        failed += child.exitcode not in (0, -signal.SIGTERM)
+    return 1 if failed else 0

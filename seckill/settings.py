@@ -1,0 +1,212 @@
+"""Process settings: config/seckill.toml defaults, overridden by SECKILL_<SECTION>_<KEY>."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, get_type_hints
+from urllib.parse import urlparse
+
+from seckill import resources
+
+
+class SettingsError(ValueError):
+    """A setting that does not parse or is out of range; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str
+    port: int
+    workers: int
+    shutdown_timeout_s: float
+    max_body_bytes: int
+    var_dir: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str
+    max_connections: int
+    socket_timeout_s: float
+    connect_timeout_s: float
+    pipeline_max: int
+    pipelines_in_flight: int
+    appendfsync: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    url: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JwtSettings:
+    secret: str
+    default_ttl_s: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdminSettings:
+    token: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PaymentSettings:
+    secret: str
+    tolerance_s: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PurchaseSettings:
+    idempotency_ttl_s: int
+    refresh_interval_s: float
+    negative_cache_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings
+    redis: RedisSettings
+    database: DatabaseSettings
+    jwt: JwtSettings
+    admin: AdminSettings
+    payment: PaymentSettings
+    purchase: PurchaseSettings
+
+    def replace(self, section: str, **values: Any) -> Settings:
+        """A copy with some keys of one section changed (CLI flags, tests)."""
+        current = getattr(self, section)
+        return dataclasses.replace(self, **{section: dataclasses.replace(current, **values)})
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    field.name: get_type_hints(Settings)[field.name] for field in dataclasses.fields(Settings)
+}
+
+
+def _coerce(name: str, env_name: str | None, kind: type[Any], raw: Any) -> Any:
+    where = f"{name} ({env_name})" if env_name else name
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off"}:
+            return False
+        raise SettingsError(f"invalid setting {where}: expected true or false, got {raw!r}")
+    if kind is int:
+        if isinstance(raw, bool):
+            raise SettingsError(f"invalid setting {where}: expected an integer, got {raw!r}")
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise SettingsError(
+                f"invalid setting {where}: expected an integer, got {raw!r}"
+            ) from None
+    if kind is float:
+        if isinstance(raw, bool):
+            raise SettingsError(f"invalid setting {where}: expected a number, got {raw!r}")
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise SettingsError(f"invalid setting {where}: expected a number, got {raw!r}") from None
+    if not isinstance(raw, str):
+        raise SettingsError(f"invalid setting {where}: expected a string, got {raw!r}")
+    return raw
+
+
+def _check(settings: Settings) -> None:
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            env = "SECKILL_" + key.replace(".", "_").upper()
+            raise SettingsError(f"invalid setting {key} ({env}): {why}")
+
+    s = settings
+    need(0 <= s.server.port <= 65535, "server.port", "must be 0..65535")
+    need(1 <= s.server.workers <= 256, "server.workers", "must be 1..256")
+    need(s.server.shutdown_timeout_s >= 0, "server.shutdown_timeout_s", "must be >= 0")
+    need(s.server.max_body_bytes >= 64, "server.max_body_bytes", "must be >= 64")
+    need(bool(s.server.var_dir), "server.var_dir", "must not be empty")
+    if s.redis.url:
+        parsed = urlparse(s.redis.url)
+        need(
+            parsed.scheme in {"redis", "rediss", "unix"} and bool(parsed.hostname or parsed.path),
+            "redis.url",
+            f"expected redis://host:port/db, got {s.redis.url!r}",
+        )
+    need(1 <= s.redis.max_connections <= 10_000, "redis.max_connections", "must be 1..10000")
+    need(s.redis.socket_timeout_s > 0, "redis.socket_timeout_s", "must be > 0")
+    need(s.redis.connect_timeout_s > 0, "redis.connect_timeout_s", "must be > 0")
+    need(1 <= s.redis.pipeline_max <= 10_000, "redis.pipeline_max", "must be 1..10000")
+    need(
+        1 <= s.redis.pipelines_in_flight <= s.redis.max_connections,
+        "redis.pipelines_in_flight",
+        "must be 1..redis.max_connections",
+    )
+    need(
+        s.redis.appendfsync in {"always", "everysec", "no"},
+        "redis.appendfsync",
+        f"expected always, everysec or no, got {s.redis.appendfsync!r}",
+    )
+    if s.database.url:
+        scheme = urlparse(s.database.url).scheme
+        need(
+            scheme in {"postgresql", "postgres", "sqlite"},
+            "database.url",
+            f"expected postgresql://... or sqlite:///path, got {s.database.url!r}",
+        )
+    need(len(s.jwt.secret) >= 32, "jwt.secret", "must be at least 32 bytes (HS256 key strength)")
+    need(s.jwt.default_ttl_s > 0, "jwt.default_ttl_s", "must be > 0")
+    need(len(s.admin.token) >= 16, "admin.token", "must be at least 16 characters")
+    need(len(s.payment.secret) >= 16, "payment.secret", "must be at least 16 characters")
+    need(s.payment.tolerance_s > 0, "payment.tolerance_s", "must be > 0")
+    need(
+        s.purchase.idempotency_ttl_s >= 86_400,
+        "purchase.idempotency_ttl_s",
+        "must be >= 86400 (the contract keeps keys at least 24 h)",
+    )
+    need(
+        0 < s.purchase.refresh_interval_s <= 1.0,
+        "purchase.refresh_interval_s",
+        "must be in (0, 1] (stock_left may lag by at most 1 s)",
+    )
+    need(s.purchase.negative_cache_s >= 0, "purchase.negative_cache_s", "must be >= 0")
+
+
+def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML defaults, apply SECKILL_* overrides and validate; raise SettingsError."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get("SECKILL_CONFIG"):
+        path = Path(environ["SECKILL_CONFIG"])
+    path = path or resources.config_path()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc}") from exc
+
+    sections: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        table = raw.get(section, {})
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            key = f"{section}.{field.name}"
+            env_name = f"SECKILL_{section}_{field.name}".upper()
+            if env_name in environ:
+                values[field.name] = _coerce(key, env_name, hints[field.name], environ[env_name])
+            elif field.name in table:
+                values[field.name] = _coerce(key, None, hints[field.name], table[field.name])
+            else:
+                raise SettingsError(f"missing setting {key} in {path}")
+        unknown = set(table) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise SettingsError(f"unknown setting {section}.{sorted(unknown)[0]} in {path}")
+        sections[section] = cls(**values)
+    settings = Settings(**sections)
+    _check(settings)
+    return settings

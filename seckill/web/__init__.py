@@ -1,0 +1,1 @@
+"""The HTTP gateway: app factory, routes, handlers, middlewares."""

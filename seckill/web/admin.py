@@ -1,0 +1,28 @@
+"""Admin endpoints (bearer SECKILL_ADMIN_TOKEN)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from seckill import clock
+from seckill.activities import Activity
+from seckill.errors import NotFound
+from seckill.web.bodies import parse_json, read_limited
+from seckill.web.state import SERVICES
+
+routes = web.RouteTableDef()
+
+_ADMIN_BODY_LIMIT = 64 * 1024
+
+
+@routes.post("/admin/v1/activities", name="admin_activity_put")
+async def put_activity(request: web.Request) -> web.Response:
+    """Create an activity (or replace one not yet started) and warm its stock into Redis."""
+    services = request.app[SERVICES]
+    services.admin.check(request.headers.get("Authorization"))
+    activity = Activity.from_request(parse_json(await read_limited(request, _ADMIN_BODY_LIMIT)))
+    await services.stock.put_activity(activity)
+    entry = await services.catalog.get(activity.id)
+    if entry is None:  # deleted between the write and the read: report it honestly
+        raise NotFound("activity vanished after creation")
+    return web.json_response(entry.activity.admin(clock.now_ms(), entry.stock_left), status=201)

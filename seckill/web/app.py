@@ -1,0 +1,110 @@
+"""The gateway application factory (reused by the tests and by `seckill serve`/`up`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import yaml
+from aiohttp import web
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from seckill import resources
+from seckill.auth import AdminAuth, UserAuth
+from seckill.catalog import Catalog
+from seckill.metrics import Metrics
+from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
+from seckill.settings import Settings
+from seckill.stock import Stock
+from seckill.web import admin, ops, public
+from seckill.web.middlewares import errors
+from seckill.web.state import SERVICES, Services
+
+log = logging.getLogger(__name__)
+
+
+def redis_client(settings: Settings) -> Redis:
+    """A client whose pool is sized on purpose and waits (bounded) instead of failing."""
+    pool = BlockingConnectionPool.from_url(
+        settings.redis.url,
+        max_connections=settings.redis.max_connections,
+        timeout=settings.redis.socket_timeout_s,
+        socket_timeout=settings.redis.socket_timeout_s,
+        socket_connect_timeout=settings.redis.connect_timeout_s,
+    )
+    return Redis(connection_pool=pool)
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    try:
+        await services.scripts.load(services.redis)
+    except CONNECTION_ERRORS:
+        # not fatal: /readyz says 503 and scripts load on first NOSCRIPT once Redis is back
+        log.warning("Redis unreachable at start; the gateway answers 503 until it is back")
+    yield
+    await services.redis.aclose()
+    await services.redis.connection_pool.disconnect()
+
+
+async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[SERVICES].catalog.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The gateway for ``settings`` (settings.redis.url must point at a Redis)."""
+    if not settings.redis.url:
+        raise ValueError("create_app needs settings.redis.url")
+    client = redis_client(settings)
+    scripts = Scripts.from_dir()
+    coalescer = Coalescer(
+        client,
+        max_batch=settings.redis.pipeline_max,
+        in_flight=settings.redis.pipelines_in_flight,
+    )
+    catalog = Catalog(
+        client,
+        refresh_interval_s=settings.purchase.refresh_interval_s,
+        negative_cache_s=settings.purchase.negative_cache_s,
+    )
+    metrics = Metrics()
+    metrics.gauges.add(
+        "seckill_stock_left",
+        "Quantity still on sale, as this process last saw it",
+        ["activity"],
+        lambda: {(k,): float(e.stock_left) for k, e in catalog.entries().items()},
+    )
+    metrics.gauges.add(
+        "seckill_activity_sold_out",
+        "1 while this process answers sold_out without Redis",
+        ["activity"],
+        lambda: {
+            (k,): float(e.stock_left <= 0 and e.holders is not None)
+            for k, e in catalog.entries().items()
+        },
+    )
+    services = Services(
+        settings=settings,
+        redis=client,
+        scripts=scripts,
+        stock=Stock(client, scripts, coalescer, settings.purchase.idempotency_ttl_s),
+        catalog=catalog,
+        users=UserAuth(settings.jwt.secret),
+        admin=AdminAuth(settings.admin.token),
+        metrics=metrics,
+        openapi=yaml.safe_load(resources.openapi_path().read_text(encoding="utf-8")),
+    )
+    app = web.Application(middlewares=[errors], client_max_size=1024 * 1024)
+    app[SERVICES] = services
+    app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_catalog_ctx)
+    app.add_routes(public.routes)
+    app.add_routes(admin.routes)
+    app.add_routes(ops.routes)
+    return app

@@ -1,0 +1,60 @@
+"""The one error middleware: every non-2xx answer is the contract's JSON error body."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from seckill.errors import SeckillError
+from seckill.web.state import SERVICES
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, retry_after: int | None = None
+) -> web.Response:
+    """The contract's error body, with Retry-After on 429/503."""
+    response = web.json_response({"error": {"code": code, "message": message}}, status=status)
+    if retry_after is None and status in (429, 503):
+        retry_after = 1
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn SeckillError (and aiohttp's own HTTP errors) into contract errors; count outcomes."""
+    route = request.match_info.route.name or "unmatched"
+    metrics = request.app[SERVICES].metrics
+    try:
+        response = await handler(request)
+    except SeckillError as exc:
+        metrics.count(route, exc.code)
+        return error_response(exc.status, exc.code, exc.message, exc.retry_after)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "invalid_request" if exc.status < 500 else "internal")
+        metrics.count(route, code)
+        answer = error_response(exc.status, code, exc.reason)
+        if exc.status == 405 and "Allow" in exc.headers:
+            answer.headers["Allow"] = exc.headers["Allow"]
+        return answer
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        metrics.count(route, "internal")
+        return error_response(500, "internal", "internal error")
+    metrics.count(route, "ok")
+    return response

@@ -1,0 +1,32 @@
+"""Typed application state: everything a handler may use, under one AppKey."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from seckill.auth import AdminAuth, UserAuth
+from seckill.catalog import Catalog
+from seckill.metrics import Metrics
+from seckill.scripts import Scripts
+from seckill.settings import Settings
+from seckill.stock import Stock
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    redis: Redis
+    scripts: Scripts
+    stock: Stock
+    catalog: Catalog
+    users: UserAuth
+    admin: AdminAuth
+    metrics: Metrics
+    openapi: dict[str, Any] = field(default_factory=dict)
+
+
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
