@@ -1,0 +1,56 @@
+"""Fixtures: a private redis-server for the whole run, settings and the real app per test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from seckill import settings as settings_module
+from seckill.embedded import EmbeddedRedis
+from seckill.settings import Settings
+from seckill.web.app import create_app
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """One redis-server of our own on a free port (never the shared 6379)."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendfsync="no")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    """The private Redis, emptied before each test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path: Path) -> Settings:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
+    loaded = settings_module.load(environ=env)
+    loaded = loaded.replace("redis", url=redis_url)
+    return loaded.replace("server", var_dir=str(tmp_path / "var"))
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[TestClient[object, object]]:
+    """An HTTP client against the real gateway app."""
+    async with TestClient(TestServer(create_app(settings))) as test_client:
+        yield test_client

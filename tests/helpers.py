@@ -1,0 +1,46 @@
+"""Shared test helpers: tokens, admin headers, activity bodies, Redis inspection."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from seckill.auth import UserAuth
+from seckill.settings import Settings
+
+_ids = itertools.count(1)
+
+
+def rfc3339(delta_s: float) -> str:
+    """Now + delta_s as RFC 3339 UTC."""
+    moment = datetime.now(tz=UTC) + timedelta(seconds=delta_s)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def activity_body(**overrides: Any) -> dict[str, Any]:
+    """A live activity definition with a fresh id."""
+    body: dict[str, Any] = {
+        "id": f"act{next(_ids)}",
+        "sku_id": "sku-1",
+        "title": "Phone",
+        "price_cents": 199_900,
+        "stock": 10,
+        "per_user_limit": 1,
+        "starts_at": rfc3339(-60),
+        "ends_at": rfc3339(3600),
+        "payment_timeout_s": 900,
+    }
+    body.update(overrides)
+    return body
+
+
+def admin_headers(settings: Settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings.admin.token}"}
+
+
+def user_headers(settings: Settings, user: str, key: str | None = None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {UserAuth(settings.jwt.secret).mint(user, 600)}"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return headers

@@ -1,0 +1,116 @@
+"""The sold-out fast path: no Redis for non-holders, winners still replay, every process learns."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from seckill import keys
+from seckill.settings import Settings
+from seckill.web.app import create_app
+from seckill.web.state import SERVICES
+from tests.helpers import activity_body, admin_headers, user_headers
+
+Client = TestClient[Any, Any]
+
+
+def _script_calls(sync_redis: redis.Redis) -> int:
+    stats = sync_redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def _buy(client: Client, settings: Settings, activity_id: str, user: str, key: str = "k") -> Any:
+    return await client.post(
+        f"/api/v1/activities/{activity_id}/orders",
+        json={"quantity": 1},
+        headers=user_headers(settings, user, key),
+    )
+
+
+async def _until(predicate: Any, timeout_s: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_sold_out_is_answered_without_redis_and_winners_still_replay(
+    settings: Settings, sync_redis: redis.Redis
+) -> None:
+    async with (
+        TestClient(TestServer(create_app(settings))) as seller,
+        TestClient(TestServer(create_app(settings))) as other,
+    ):
+        body = activity_body(stock=2)
+        await seller.post("/admin/v1/activities", json=body, headers=admin_headers(settings))
+        activity_id = body["id"]
+        # the other process has seen the activity before it sells out
+        assert (await other.get(f"/api/v1/activities/{activity_id}")).status == 200
+
+        first = await _buy(seller, settings, activity_id, "winner1")
+        second = await _buy(seller, settings, activity_id, "winner2")
+        assert first.status == second.status == 202
+
+
+        other_catalog = other.server.app[SERVICES].catalog
+        # the process that sold the last unit announced it; the other one learns by pub/sub
+        await _until(lambda: other_catalog.entries()[activity_id].holders is not None)
+
+        before = _script_calls(sync_redis)
+        for gateway in (seller, other):
+            for n in range(20):
+                response = await _buy(gateway, settings, activity_id, f"loser{n}")
+                assert response.status == 409
+                assert (await response.json())["error"]["code"] == "sold_out"
+        assert _script_calls(sync_redis) == before, "non-holders were answered without Redis"
+
+        # a winner's retry reaches Redis and gets the same 202
+        for gateway in (seller, other):
+            again = await _buy(gateway, settings, activity_id, "winner1")
+            assert again.status == 202
+            assert again.headers["Idempotent-Replayed"] == "true"
+            assert (await again.json())["order_id"] == (await first.json())["order_id"]
+        assert _script_calls(sync_redis) == before + 2
+
+        state = await (await other.get(f"/api/v1/activities/{activity_id}")).json()
+        assert state["state"] == "sold_out" and state["stock_left"] == 0
+
+
+async def test_returned_stock_clears_the_mark_without_any_message(
+    client: Client, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    body = activity_body(stock=1)
+    await client.post("/admin/v1/activities", json=body, headers=admin_headers(settings))
+    activity_id = body["id"]
+    assert (await _buy(client, settings, activity_id, "winner")).status == 202
+
+    catalog = client.server.app[SERVICES].catalog
+    await _until(lambda: catalog.entries()[activity_id].holders is not None)
+    assert (await _buy(client, settings, activity_id, "late")).status == 409
+
+    # an item comes back behind the gateways' backs (no pub/sub event): the periodic
+    # re-read must notice within refresh_interval_s and stop answering sold_out
+    sync_redis.incrby(keys.stock(activity_id), 1)
+    await _until(lambda: catalog.entries()[activity_id].stock_left == 1)
+    response = await _buy(client, settings, activity_id, "late", "k2")
+    assert response.status == 202
+
+
+async def test_a_lost_sold_out_message_is_corrected_by_the_periodic_check(
+    client: Client, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    body = activity_body(stock=1)
+    await client.post("/admin/v1/activities", json=body, headers=admin_headers(settings))
+    activity_id = body["id"]
+    assert (await client.get(f"/api/v1/activities/{activity_id}")).status == 200
+    # stock vanishes without any gateway selling it, so no process announces anything
+    sync_redis.set(keys.stock(activity_id), 0)
+
+    catalog = client.server.app[SERVICES].catalog
+    await _until(lambda: catalog.entries()[activity_id].holders is not None)
+    before = _script_calls(sync_redis)
+    assert (await _buy(client, settings, activity_id, "someone")).status == 409
+    assert _script_calls(sync_redis) == before
