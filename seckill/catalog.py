@@ -149,7 +149,7 @@ class Catalog:
     async def _reload_quietly(self, activity_id: str) -> None:
         try:
             await self._load(activity_id)
-        except (RedisUnavailable, *CONNECTION_ERRORS):
+        except (RedisUnavailable, *CONNECTION_ERRORS):  # type: ignore[misc]
             log.warning("could not refresh activity %s", activity_id)
 
     async def refresh_all(self) -> None:
@@ -201,4 +201,4 @@ class Catalog:
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from seckill import __version__, settings as settings_module
+from seckill import __version__
+from seckill import settings as settings_module
 from seckill.auth import UserAuth
 from seckill.embedded import EmbeddedRedis, EmbeddedRedisError
 from seckill.settings import Settings, SettingsError
@@ -71,8 +72,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     settings = _with_listen(settings, args)
     if not settings.redis.url:
-        print("seckill: serve needs SECKILL_REDIS_URL (use `seckill up` for an embedded one)",
-              file=sys.stderr)
+        print(
+            "seckill: serve needs SECKILL_REDIS_URL (use `seckill up` for an embedded one)",
+            file=sys.stderr,
+        )
         return 2
     workers = args.workers if args.workers is not None else settings.server.workers
     if not 1 <= workers <= 256:

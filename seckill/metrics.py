@@ -23,7 +23,9 @@ class RequestCounts(Collector):
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
-            "seckill_requests", "HTTP requests by endpoint and outcome", labels=["endpoint", "outcome"]
+            "seckill_requests",
+            "HTTP requests by endpoint and outcome",
+            labels=["endpoint", "outcome"],
         )
         for (endpoint, outcome), count in sorted(self.counts.items()):
             family.add_metric([endpoint, outcome], count)
@@ -34,7 +36,9 @@ class Gauges(Collector):
     """Gauges read at scrape time from live state (stock left per activity, ...)."""
 
     def __init__(self) -> None:
-        self._sources: dict[str, tuple[str, list[str], Callable[[], dict[tuple[str, ...], float]]]] = {}
+        self._sources: dict[
+            str, tuple[str, list[str], Callable[[], dict[tuple[str, ...], float]]]
+        ] = {}
 
     def add(
         self,

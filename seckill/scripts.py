@@ -48,10 +48,10 @@ class Script:
         """EVALSHA, loading the script on NOSCRIPT (e.g. after a Redis restart)."""
         try:
             try:
-                return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+                return await client.evalsha(self.sha, len(keys), *keys, *args)
             except redis_errors.NoScriptError:
                 await client.script_load(self.source)
-                return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+                return await client.evalsha(self.sha, len(keys), *keys, *args)
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
 
@@ -110,9 +110,7 @@ class Coalescer:
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def call(
-        self, script: Script, keys: Sequence[str], args: Sequence[Arg]
-    ) -> asyncio.Future[Any]:
+    def call(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
         """Queue one EVALSHA; the future gets its reply or RedisUnavailable."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -176,7 +174,7 @@ class Coalescer:
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
         for script, keys, args, _ in batch:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
         return await pipe.execute(raise_on_error=False)
 
     async def close(self) -> None:

@@ -114,7 +114,9 @@ def _coerce(name: str, env_name: str | None, kind: type[Any], raw: Any) -> Any:
         try:
             return float(raw)
         except (TypeError, ValueError):
-            raise SettingsError(f"invalid setting {where}: expected a number, got {raw!r}") from None
+            raise SettingsError(
+                f"invalid setting {where}: expected a number, got {raw!r}"
+            ) from None
     if not isinstance(raw, str):
         raise SettingsError(f"invalid setting {where}: expected a string, got {raw!r}")
     return raw

@@ -67,7 +67,7 @@ class Stock:
         script_keys = keys.reserve_keys(activity_id, user_id, idempotency_key)
         # a random id colliding with a live order is all but impossible; a fresh one is safe
         for _ in range(3):
-            args = [
+            args: list[str | int] = [
                 user_id,
                 quantity,
                 fingerprint(quantity),
@@ -112,7 +112,7 @@ class Stock:
             meta = await self._client.hgetall(keys.meta(activity_id))
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
-        return Activity.from_meta(meta) if meta else None
+        return Activity.from_meta(meta) if meta else None  # type: ignore[arg-type]
 
     async def order(self, order_id: str) -> OrderRecord | None:
         """The live order record Redis holds, or None."""
@@ -123,4 +123,4 @@ class Stock:
             blob = await self._client.hget(keys.orders(activity_id), order_id)
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
-        return OrderRecord.unpack(blob) if blob else None
+        return OrderRecord.unpack(blob) if isinstance(blob, bytes) else None

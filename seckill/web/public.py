@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from seckill import clock, keys
+from seckill.catalog import Entry
 from seckill.errors import (
     Ended,
     IdempotencyKeyReused,
@@ -20,7 +21,7 @@ from seckill.errors import (
 )
 from seckill.stock import Outcome
 from seckill.web.bodies import parse_json, read_limited
-from seckill.web.state import SERVICES
+from seckill.web.state import SERVICES, Services
 
 routes = web.RouteTableDef()
 
@@ -46,6 +47,16 @@ def _quantity(body: Any) -> int:
     if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1:
         raise InvalidRequest("quantity must be a positive integer")
     return quantity
+
+
+async def _entry(services: Services, activity_id: str) -> Entry:
+    """The cached activity, or NotFound (ids that cannot exist never reach Redis)."""
+    entry = (
+        await services.catalog.get(activity_id) if keys.ID_PATTERN.fullmatch(activity_id) else None
+    )
+    if entry is None:
+        raise NotFound("no such activity")
+    return entry
 
 
 def _order_accepted(
@@ -79,9 +90,7 @@ async def create_order(request: web.Request) -> web.Response:
         raise InvalidRequest("Idempotency-Key header must be 1-64 characters of [A-Za-z0-9_-]")
 
     activity_id = request.match_info["activity_id"]
-    entry = await services.catalog.get(activity_id) if keys.ID_PATTERN.fullmatch(activity_id) else None
-    if entry is None:
-        raise NotFound("no such activity")
+    entry = await _entry(services, activity_id)
     activity = entry.activity
     if quantity > activity.per_user_limit:
         raise InvalidRequest(f"quantity must be at most {activity.per_user_limit}")
@@ -118,9 +127,7 @@ async def get_activity(request: web.Request) -> web.Response:
     """The activity as the mini program shows it (stock_left may lag by up to 1 s)."""
     services = request.app[SERVICES]
     activity_id = request.match_info["activity_id"]
-    entry = await services.catalog.get(activity_id) if keys.ID_PATTERN.fullmatch(activity_id) else None
-    if entry is None:
-        raise NotFound("no such activity")
+    entry = await _entry(services, activity_id)
     return web.json_response(entry.activity.public(clock.now_ms(), entry.stock_left))
 
 

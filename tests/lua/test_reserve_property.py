@@ -79,7 +79,9 @@ calls = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     stock=st.integers(min_value=0, max_value=8),
     limit=st.integers(min_value=1, max_value=4),
@@ -100,7 +102,12 @@ def test_script_matches_model(
             SCRIPTS.reserve_stock.sha,
             len(script_keys),
             *script_keys,
-            user, quantity, fingerprint(quantity), order_id, 86_400, gate,
+            user,
+            quantity,
+            fingerprint(quantity),
+            order_id,
+            86_400,
+            gate,
         )
         got = tuple(x.decode() if isinstance(x, bytes) else x for x in reply)
         expected = model.reserve(user, key, quantity, gate, order_id)

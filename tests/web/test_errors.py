@@ -105,7 +105,9 @@ async def test_bad_idempotency_key_is_invalid_request(
     headers = user_headers(settings, "u1")
     if key is not None:
         headers["Idempotency-Key"] = key
-    response = await client.post(f"/api/v1/activities/{live}/orders", json={"quantity": 1}, headers=headers)
+    response = await client.post(
+        f"/api/v1/activities/{live}/orders", json={"quantity": 1}, headers=headers
+    )
     await _expect(response, 400, "invalid_request")
 
 
@@ -126,24 +128,37 @@ def _bad_tokens(settings: Settings) -> dict[str, str | None]:
         "not bearer": f"Basic {_token(settings)}",
         "malformed": "Bearer not.a.jwt",
         "empty": "Bearer ",
-        "forged": "Bearer " + jwt.encode(
-            {"sub": "u1", "exp": int(time.time()) + 600}, "another-secret-of-32-bytes-long!!", "HS256"
+        "forged": "Bearer "
+        + jwt.encode(
+            {"sub": "u1", "exp": int(time.time()) + 600},
+            "another-secret-of-32-bytes-long!!",
+            "HS256",
         ),
         "expired": "Bearer " + _token(settings, exp=int(time.time()) - 10),
         "alg none": f"Bearer {none_alg}",
         "no exp": "Bearer " + _token(settings, exp=None),
         "no sub": "Bearer " + _token(settings, sub=None),
         "sub too long": "Bearer " + _token(settings, sub="u" * 65),
-        "HS512": "Bearer " + jwt.encode(
-            {"sub": "u1", "exp": int(time.time()) + 600}, settings.jwt.secret, "HS512"
-        ),
+        "HS512": "Bearer "
+        + jwt.encode({"sub": "u1", "exp": int(time.time()) + 600}, settings.jwt.secret, "HS512"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "not bearer", "malformed", "empty", "forged", "expired", "alg none", "no exp",
-     "no sub", "sub too long", "HS512"],
+    [
+        "missing",
+        "not bearer",
+        "malformed",
+        "empty",
+        "forged",
+        "expired",
+        "alg none",
+        "no exp",
+        "no sub",
+        "sub too long",
+        "HS512",
+    ],
 )
 async def test_bad_token_is_unauthorized(
     client: Client, settings: Settings, live: str, case: str
@@ -152,7 +167,9 @@ async def test_bad_token_is_unauthorized(
     headers = {"Idempotency-Key": "k1"}
     if header is not None:
         headers["Authorization"] = header
-    response = await client.post(f"/api/v1/activities/{live}/orders", json={"quantity": 1}, headers=headers)
+    response = await client.post(
+        f"/api/v1/activities/{live}/orders", json={"quantity": 1}, headers=headers
+    )
     await _expect(response, 401, "unauthorized")
     response = await client.get(f"/api/v1/orders/{live}.{'0' * 20}", headers=headers)
     await _expect(response, 401, "unauthorized")
@@ -250,7 +267,9 @@ async def test_admin_missing_field_and_bad_json(client: Client, settings: Settin
     await _expect(response, 400, "invalid_request")
 
 
-@pytest.mark.parametrize("header", [None, "Bearer wrong", "dev-only-admin-token-change-me-0123456789"])
+@pytest.mark.parametrize(
+    "header", [None, "Bearer wrong", "dev-only-admin-token-change-me-0123456789"]
+)
 async def test_admin_without_the_token_is_unauthorized(
     client: Client, sync_redis: redis.Redis, header: str | None
 ) -> None:
@@ -263,7 +282,8 @@ async def test_admin_without_the_token_is_unauthorized(
 async def test_users_cannot_read_each_others_orders(client: Client, settings: Settings) -> None:
     live = await _activity(client, settings)
     response = await client.post(
-        f"/api/v1/activities/{live}/orders", json={"quantity": 1},
+        f"/api/v1/activities/{live}/orders",
+        json={"quantity": 1},
         headers=user_headers(settings, "alice", "k1"),
     )
     assert response.status == 202
@@ -271,11 +291,15 @@ async def test_users_cannot_read_each_others_orders(client: Client, settings: Se
     mine = await client.get(f"/api/v1/orders/{order_id}", headers=user_headers(settings, "alice"))
     assert mine.status == 200
     order = await mine.json()
-    assert order["user_id"] == "alice" and order["status"] == "reserved" and order["paid_at"] is None
+    assert (
+        order["user_id"] == "alice" and order["status"] == "reserved" and order["paid_at"] is None
+    )
     theirs = await client.get(f"/api/v1/orders/{order_id}", headers=user_headers(settings, "bob"))
     await _expect(theirs, 404, "not_found")
     for missing in (f"{live}.{'0' * 20}", "garbage", f"nope.{'a' * 20}"):
-        response = await client.get(f"/api/v1/orders/{missing}", headers=user_headers(settings, "alice"))
+        response = await client.get(
+            f"/api/v1/orders/{missing}", headers=user_headers(settings, "alice")
+        )
         await _expect(response, 404, "not_found")
 
 
@@ -290,7 +314,9 @@ async def test_redis_down_fails_closed_with_retry_after(settings: Settings) -> N
     dead = settings.replace("redis", url=f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.2)
     async with TestClient(TestServer(create_app(dead))) as client:
         response = await client.post(
-            "/api/v1/activities/a1/orders", json={"quantity": 1}, headers=user_headers(dead, "u1", "k1")
+            "/api/v1/activities/a1/orders",
+            json={"quantity": 1},
+            headers=user_headers(dead, "u1", "k1"),
         )
         await _expect(response, 503, "overloaded")
         assert int(response.headers["Retry-After"]) >= 1

@@ -19,9 +19,7 @@ from tests.helpers import activity_body, admin_headers, user_headers
 
 async def _create(client: TestClient[Any, Any], settings: Settings, **overrides: Any) -> str:
     body = activity_body(**overrides)
-    response = await client.post(
-        "/admin/v1/activities", json=body, headers=admin_headers(settings)
-    )
+    response = await client.post("/admin/v1/activities", json=body, headers=admin_headers(settings))
     assert response.status == 201, await response.text()
     return str(body["id"])
 

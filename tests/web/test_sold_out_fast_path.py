@@ -22,7 +22,9 @@ def _script_calls(sync_redis: redis.Redis) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-async def _buy(client: Client, settings: Settings, activity_id: str, user: str, key: str = "k") -> Any:
+async def _buy(
+    client: Client, settings: Settings, activity_id: str, user: str, key: str = "k"
+) -> Any:
     return await client.post(
         f"/api/v1/activities/{activity_id}/orders",
         json={"quantity": 1},
@@ -53,7 +55,6 @@ async def test_sold_out_is_answered_without_redis_and_winners_still_replay(
         first = await _buy(seller, settings, activity_id, "winner1")
         second = await _buy(seller, settings, activity_id, "winner2")
         assert first.status == second.status == 202
-
 
         other_catalog = other.server.app[SERVICES].catalog
         # the process that sold the last unit announced it; the other one learns by pub/sub
