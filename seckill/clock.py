@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def now_ms() -> int:
@@ -13,8 +15,9 @@ def now_ms() -> int:
 
 def to_rfc3339(ms: int) -> str:
     """Epoch ms as RFC 3339 UTC with millisecond precision, e.g. 2026-11-22T10:00:00.000Z."""
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    moment = _EPOCH + timedelta(milliseconds=ms)
+    # isoformat zero-pads the year (strftime's %Y does not on every platform)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_rfc3339(text: str) -> int:

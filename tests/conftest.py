@@ -54,3 +54,41 @@ async def client(settings: Settings) -> AsyncIterator[TestClient[object, object]
     """An HTTP client against the real gateway app."""
     async with TestClient(TestServer(create_app(settings))) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="session")
+def live_gateway(
+    redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A real `seckill serve` process on a free port, sharing the test Redis."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from seckill.embedded import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
+    env["SECKILL_REDIS_URL"] = redis_server.url
+    process = subprocess.Popen(
+        [sys.executable, "-m", "seckill", "serve", "--port", str(port)],
+        env=env,
+        cwd=tmp_path_factory.mktemp("gateway"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1):
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("seckill serve did not start") from None
+            time.sleep(0.1)
+    yield url
+    process.terminate()
+    process.wait(10)

@@ -1,0 +1,112 @@
+"""The seckill command as a person runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import jwt
+
+from seckill import settings as settings_module
+from tests.helpers import activity_body
+
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
+
+
+def _seckill(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "seckill", *args],
+        env=env or CLEAN_ENV,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _redis_children(parent: int) -> list[str]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=,comm=", "--ppid", str(parent)], capture_output=True, text=True
+    )
+    return [line for line in out.stdout.splitlines() if "redis" in line]
+
+
+def test_up_serves_with_an_embedded_redis_and_stops_cleanly(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "seckill", "up", "--port", "0"],
+        env=CLEAN_ENV,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("seckill serving on http://127.0.0.1:"), line
+        url = line.split()[-1]
+        assert _redis_children(process.pid), "a private redis-server runs as a child"
+        assert (tmp_path / "var" / "redis").is_dir(), "its data lives under ./var/"
+        settings = settings_module.load(environ={})
+        request = urllib.request.Request(
+            f"{url}/admin/v1/activities",
+            data=json.dumps(activity_body(id="cli1")).encode(),
+            headers={"Authorization": f"Bearer {settings.admin.token}"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 201
+        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+            assert response.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    assert code == 0
+    assert not _redis_children(process.pid)
+    assert (tmp_path / "var" / "redis" / "appendonlydir").is_dir(), "AOF is on"
+
+
+def test_up_without_redis_server_says_how_to_get_one(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {**CLEAN_ENV, "PATH": str(bin_dir)}
+    result = _seckill("up", "--port", "0", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert "redis-server" in message and "SECKILL_REDIS_URL" in message
+    assert shutil.which("redis-server"), "the real machine does have one"
+
+
+def test_a_bad_setting_stops_with_one_line_naming_it(tmp_path: Path) -> None:
+    result = _seckill("up", env={**CLEAN_ENV, "SECKILL_SERVER_PORT": "eighty"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "server.port" in result.stderr and "SECKILL_SERVER_PORT" in result.stderr
+    assert not (tmp_path / "var").exists(), "nothing was started"
+
+
+def test_token_is_signed_with_the_configured_secret() -> None:
+    secret = "x" * 48
+    result = _seckill(
+        "token", "alice", "--ttl", "120", env={**CLEAN_ENV, "SECKILL_JWT_SECRET": secret}
+    )
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), secret, algorithms=["HS256"])
+    assert claims["sub"] == "alice"
+    assert 100 <= claims["exp"] - time.time() <= 121
+    assert _seckill("token", "u" * 65).returncode == 2
+
+
+def test_serve_without_a_redis_url_refuses() -> None:
+    result = _seckill("serve", "--port", "0")
+    assert result.returncode == 2 and "SECKILL_REDIS_URL" in result.stderr
