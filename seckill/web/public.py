@@ -21,17 +21,20 @@ from seckill.errors import (
 )
 from seckill.stock import Outcome
 from seckill.web.bodies import parse_json, read_limited
+from seckill.web.middlewares import refusal
 from seckill.web.state import SERVICES, Services
 
 routes = web.RouteTableDef()
 
-_REFUSALS: dict[Outcome, type[SeckillError]] = {
-    Outcome.NOT_FOUND: NotFound,
-    Outcome.REUSED: IdempotencyKeyReused,
-    Outcome.NOT_STARTED: NotStarted,
-    Outcome.ENDED: Ended,
-    Outcome.LIMIT_REACHED: LimitReached,
-    Outcome.SOLD_OUT: SoldOut,
+_SOLD_OUT = SoldOut()
+_ENDED = Ended()
+_REFUSALS: dict[Outcome, SeckillError] = {
+    Outcome.NOT_FOUND: NotFound("no such activity"),
+    Outcome.REUSED: IdempotencyKeyReused(),
+    Outcome.NOT_STARTED: NotStarted(),
+    Outcome.ENDED: _ENDED,
+    Outcome.LIMIT_REACHED: LimitReached(),
+    Outcome.SOLD_OUT: _SOLD_OUT,
 }
 
 
@@ -97,10 +100,7 @@ async def create_order(request: web.Request) -> web.Response:
 
     if entry.sold_out_for(user_id):
         # the storm's common case: no Redis round trip for a user who holds nothing here
-        now = clock.now_ms()
-        if now >= activity.ends_at_ms:
-            raise Ended()
-        raise SoldOut()
+        return refusal(_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT)
 
     reservation = await services.stock.reserve(activity_id, user_id, idempotency_key, quantity)
     outcome = reservation.outcome
@@ -116,10 +116,10 @@ async def create_order(request: web.Request) -> web.Response:
         )
     if outcome is Outcome.SOLD_OUT:
         services.catalog.note_sold_out(activity_id)
-    refusal = _REFUSALS.get(outcome)
-    if refusal is None:
+    error = _REFUSALS.get(outcome)
+    if error is None:
         raise Overloaded(f"refused: {reservation.gate}")
-    raise refusal()
+    return refusal(error)
 
 
 @routes.get("/api/v1/activities/{activity_id}", name="activity_get")

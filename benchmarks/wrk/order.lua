@@ -1,0 +1,36 @@
+-- wrk script: POST an order with a different user token and Idempotency-Key each request.
+-- Environment: SECKILL_TOKENS (file of "Bearer <jwt>" lines), SECKILL_PATH (order URL path).
+local tokens = {}
+local counter = 0
+local thread_id = 0
+local path = os.getenv("SECKILL_PATH")
+local body = '{"quantity": 1}'
+
+function setup(thread)
+  thread_id = thread_id + 1
+  thread:set("tid", thread_id)
+end
+
+function init(args)
+  for line in io.lines(os.getenv("SECKILL_TOKENS")) do
+    tokens[#tokens + 1] = line
+  end
+  counter = (tid or 1) * 1000003
+end
+
+function request()
+  counter = counter + 1
+  local headers = {
+    ["Authorization"] = tokens[(counter % #tokens) + 1],
+    ["Idempotency-Key"] = "bench-" .. counter,
+    ["Content-Type"] = "application/json",
+  }
+  return wrk.format("POST", path, headers, body)
+end
+
+done = function(summary, latency, requests)
+  local codes = {}
+  io.write(string.format("errors connect=%d read=%d write=%d status=%d timeout=%d\n",
+    summary.errors.connect, summary.errors.read, summary.errors.write,
+    summary.errors.status, summary.errors.timeout))
+end
