@@ -16,12 +16,12 @@ up: $(STAMP)
 	$(BIN)/seckill up
 
 test: $(STAMP)
-	$(BIN)/ruff check seckill tests benchmarks loadtest
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check seckill tests benchmarks loadtest
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 clean:
