@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 
@@ -58,6 +59,38 @@ class UserAuth:
         return jwt.encode(
             {"sub": user_id, "iat": now, "exp": now + ttl_s}, self._secret, algorithm="HS256"
         )
+
+
+class PaymentSignature:
+    """``Seckill-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>``."""
+
+    def __init__(self, secret: str, tolerance_s: int) -> None:
+        self._secret = secret.encode()
+        self._tolerance_s = tolerance_s
+
+    def sign(self, body: bytes, at: int | None = None) -> str:
+        """The header value for ``body`` (what the payment provider sends; used in tests)."""
+        t = int(time.time()) if at is None else at
+        digest = hmac.new(self._secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+        return f"t={t},v1={digest}"
+
+    def verify(self, header: str | None, body: bytes) -> None:
+        """Unauthorized unless a v1 signature matches and t is within the tolerance."""
+        if not header:
+            raise Unauthorized("Seckill-Signature header required")
+        parts: dict[str, list[str]] = {}
+        for item in header.split(","):
+            name, _, value = item.strip().partition("=")
+            parts.setdefault(name, []).append(value)
+        try:
+            t = int(parts["t"][0])
+        except (KeyError, ValueError):
+            raise Unauthorized("malformed Seckill-Signature") from None
+        if abs(time.time() - t) > self._tolerance_s:
+            raise Unauthorized("Seckill-Signature timestamp outside the tolerance")
+        expected = hmac.new(self._secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+        if not any(hmac.compare_digest(expected, given) for given in parts.get("v1", [])):
+            raise Unauthorized("Seckill-Signature does not match")
 
 
 class AdminAuth:

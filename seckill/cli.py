@@ -43,7 +43,8 @@ def _warn_dev_secrets(settings: Settings) -> None:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    """Everything on one machine: embedded Redis (unless SECKILL_REDIS_URL) + gateway."""
+    """Everything on one machine: embedded Redis (unless SECKILL_REDIS_URL), gateway, writer,
+    expiry sweeper; orders go to SQLite under var/ unless SECKILL_DATABASE_URL."""
     from seckill import server
 
     settings = _with_listen(settings, args)
@@ -59,11 +60,14 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
             print(f"seckill: {exc}", file=sys.stderr)
             return 1
         settings = settings.replace("redis", url=url)
+        # ops tools started beside `up` (reconcile, flags) find this Redis through the file
+        _url_file(settings).write_text(url + "\n", encoding="utf-8")
     try:
-        return server.serve(settings, 1, _announce)
+        return server.serve(settings, 1, _announce, with_orders=True)
     finally:
         if embedded is not None:
             embedded.stop()
+            _url_file(settings).unlink(missing_ok=True)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -83,6 +87,102 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     _warn_dev_secrets(settings)
     return server.serve(settings, workers, _announce)
+
+
+def _url_file(settings: Settings) -> Path:
+    return Path(settings.server.var_dir) / "redis.url"
+
+
+def _redis_settings(settings: Settings) -> Settings | None:
+    """Settings with a Redis URL: configured, or the one a local `seckill up` left in var/."""
+    if settings.redis.url:
+        return settings
+    try:
+        url = _url_file(settings).read_text(encoding="utf-8").strip()
+    except OSError:
+        print(
+            "seckill: no Redis: set SECKILL_REDIS_URL, or run this beside a `seckill up`",
+            file=sys.stderr,
+        )
+        return None
+    return settings.replace("redis", url=url)
+
+
+def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
+    """The order writer + expiry sweeper only (run one or more; they share a consumer group)."""
+    import asyncio
+    import signal
+
+    import uvloop
+    from prometheus_client import start_http_server
+
+    from seckill.metrics import Metrics
+    from seckill.orders.service import OrderService
+    from seckill.orders.store import open_store
+    from seckill.web.app import redis_client
+
+    resolved = _redis_settings(settings)
+    if resolved is None:
+        return 2
+    settings = resolved
+
+    async def run() -> None:
+        client = redis_client(settings)
+        store = open_store(settings.database_url)
+        service = OrderService(settings, client, store)
+        if settings.writer.metrics_port:
+            metrics = Metrics()
+            metrics.add_writer(service.writer, service.sweeper)
+            start_http_server(settings.writer.metrics_port, registry=metrics.registry)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # SIGTERM: finish the batch in hand, acknowledge it, exit 0
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await service.run(stop)
+        finally:
+            await store.close()
+            await client.aclose()
+
+    uvloop.run(run())
+    return 0
+
+
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the invariant report as JSON; exit 0 when consistent, 1 when not."""
+    import asyncio
+    import json
+
+    from seckill import report
+    from seckill.orders.store import StoreUnavailable, open_store
+    from seckill.scripts import CONNECTION_ERRORS
+    from seckill.web.app import redis_client
+
+    resolved = _redis_settings(settings)
+    if resolved is None:
+        return 2
+    settings = resolved
+
+    async def run() -> dict[str, object] | None:
+        client = redis_client(settings)
+        store = open_store(settings.database_url)
+        try:
+            return await report.build(client, store, args.activity_id)
+        finally:
+            await store.close()
+            await client.aclose()
+
+    try:
+        body = asyncio.run(run())
+    except (StoreUnavailable, *CONNECTION_ERRORS) as exc:  # type: ignore[misc]
+        print(f"seckill: cannot reconcile: {exc}", file=sys.stderr)
+        return 2
+    if body is None:
+        print(f"seckill: no activity {args.activity_id!r}", file=sys.stderr)
+        return 2
+    print(json.dumps(body, indent=2))
+    return 0 if body["consistent"] else 1
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
@@ -115,6 +215,15 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int)
     serve.set_defaults(run=cmd_serve)
+
+    writer = commands.add_parser("writer", help="the order writer + expiry sweeper only")
+    writer.set_defaults(run=cmd_writer)
+
+    reconcile = commands.add_parser(
+        "reconcile", help="compare Redis and the store; exit 1 on drift"
+    )
+    reconcile.add_argument("activity_id")
+    reconcile.set_defaults(run=cmd_reconcile)
 
     token = commands.add_parser("token", help="print a user JWT for testing")
     token.add_argument("user_id")

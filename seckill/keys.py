@@ -55,6 +55,21 @@ def stream(activity_id: str) -> str:
     return f"{_tag(activity_id)}:stream"
 
 
+def changes(activity_id: str) -> str:
+    """Stream of status transitions and payment events (msgpack) for the order writer."""
+    return f"{_tag(activity_id)}:changes"
+
+
+def dead_letters(activity_id: str) -> str:
+    """Stream of entries the writer gave up on after too many deliveries."""
+    return f"{_tag(activity_id)}:dead"
+
+
+def payment_event(activity_id: str, event_id: str) -> str:
+    """String: the stored answer of one payment callback event."""
+    return f"{_tag(activity_id)}:pay:{event_id}"
+
+
 def counters(activity_id: str) -> str:
     """Hash of cumulative counts: orders_created, reserved, paid, released."""
     return f"{_tag(activity_id)}:counters"
@@ -77,6 +92,30 @@ def reserve_keys(activity_id: str, user_id: str, key: str) -> list[str]:
         stream(activity_id),
         counters(activity_id),
         idempotency(activity_id, user_id, key),
+    ]
+
+
+def release_keys(activity_id: str) -> list[str]:
+    """KEYS of release_stock.lua, in its order."""
+    return [
+        stock(activity_id),
+        holders(activity_id),
+        orders(activity_id),
+        deadlines(activity_id),
+        changes(activity_id),
+        counters(activity_id),
+    ]
+
+
+def payment_keys(activity_id: str, event_id: str) -> list[str]:
+    """KEYS of confirm_payment.lua, in its order."""
+    return [
+        meta(activity_id),
+        orders(activity_id),
+        deadlines(activity_id),
+        changes(activity_id),
+        counters(activity_id),
+        payment_event(activity_id, event_id),
     ]
 
 

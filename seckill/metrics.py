@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -32,26 +33,30 @@ class RequestCounts(Collector):
         yield family
 
 
-class Gauges(Collector):
-    """Gauges read at scrape time from live state (stock left per activity, ...)."""
+Reading = Callable[[], dict[tuple[str, ...], float]]
+
+
+class Readings(Collector):
+    """Counters and gauges read at scrape time from live state (stock left, writer counts)."""
 
     def __init__(self) -> None:
-        self._sources: dict[
-            str, tuple[str, list[str], Callable[[], dict[tuple[str, ...], float]]]
-        ] = {}
+        self._sources: dict[str, tuple[str, str, list[str], Reading]] = {}
 
     def add(
-        self,
-        name: str,
-        documentation: str,
-        labels: list[str],
-        read: Callable[[], dict[tuple[str, ...], float]],
+        self, name: str, documentation: str, kind: str, labels: list[str], read: Reading
     ) -> None:
-        self._sources[name] = (documentation, labels, read)
+        """Export ``read()`` as a ``kind`` ("counter" or "gauge") named ``name``."""
+        self._sources[name] = (kind, documentation, labels, read)
 
     def collect(self) -> Iterator[Metric]:
-        for name, (documentation, labels, read) in self._sources.items():
-            family = GaugeMetricFamily(name, documentation, labels=labels)
+        for name, (kind, documentation, labels, read) in self._sources.items():
+            family: Metric
+            if kind == "counter":
+                family = CounterMetricFamily(
+                    name.removesuffix("_total"), documentation, labels=labels
+                )
+            else:
+                family = GaugeMetricFamily(name, documentation, labels=labels)
             for values, value in read().items():
                 family.add_metric(list(values), value)
             yield family
@@ -63,13 +68,38 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = RequestCounts()
-        self.gauges = Gauges()
+        self.readings = Readings()
         self.registry.register(self.requests)
-        self.registry.register(self.gauges)
+        self.registry.register(self.readings)
 
     def count(self, endpoint: str, outcome: str) -> None:
         """One request answered."""
         self.requests.counts[endpoint, outcome] += 1
+
+    def add_writer(self, writer: Any, sweeper: Any) -> None:
+        """Export an order writer's and an expiry sweeper's counts."""
+
+        def count(stats: Any, field: str) -> Reading:
+            return lambda: {(): float(getattr(stats, field))}
+
+        for field, doc in (
+            ("rows", "Stream entries written to the order store"),
+            ("batches", "Store transactions committed by the writer"),
+            ("dead_letters", "Entries moved to a dead-letter stream"),
+            ("illegal_transitions", "Status transitions refused by the store"),
+            ("store_failures", "Store calls that failed for want of the database"),
+            ("trimmed", "Acknowledged stream entries trimmed (MINID)"),
+        ):
+            self.readings.add(
+                f"seckill_writer_{field}_total", doc, "counter", [], count(writer.stats, field)
+            )
+        self.readings.add(
+            "seckill_sweeper_expired_total",
+            "Reservations expired by the sweeper",
+            "counter",
+            [],
+            count(sweeper.stats, "expired"),
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

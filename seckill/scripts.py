@@ -62,6 +62,8 @@ class Scripts:
 
     reserve_stock: Script
     create_activity: Script
+    release_stock: Script
+    confirm_payment: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:

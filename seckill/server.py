@@ -12,8 +12,10 @@ from collections.abc import Awaitable, Callable
 import uvloop
 from aiohttp import web
 
+from seckill.orders.service import OrderService
 from seckill.settings import Settings
 from seckill.web.app import create_app
+from seckill.web.state import SERVICES
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +26,16 @@ async def serve_until_signal(
     reuse_port: bool = False,
     on_ready: Callable[[str], None] | None = None,
     until: Awaitable[object] | None = None,
+    with_orders: bool = False,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (or ``until``): stop accepting, finish in-flight, return."""
+    """Serve until SIGINT/SIGTERM (or ``until``): stop accepting, finish in-flight, return.
+
+    ``with_orders`` also runs the order writer and expiry sweeper in this process (`up`).
+    """
     app = create_app(settings)
+    orders: OrderService | None = None
+    stop_orders = asyncio.Event()
+    orders_task: asyncio.Task[None] | None = None
     runner = web.AppRunner(
         app,
         access_log=None,  # a storm of access lines would cost more than the requests
@@ -42,6 +51,11 @@ async def serve_until_signal(
         shutdown_timeout=settings.server.shutdown_timeout_s,
     )
     await site.start()
+    if with_orders:
+        services = app[SERVICES]
+        orders = OrderService(settings, services.redis, services.store)
+        services.metrics.add_writer(orders.writer, orders.sweeper)
+        orders_task = asyncio.create_task(orders.run(stop_orders))
     port = settings.server.port
     server = getattr(site, "_server", None)
     if server is not None and server.sockets:
@@ -65,6 +79,9 @@ async def serve_until_signal(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         log.info("shutting down: finishing in-flight requests")
+        stop_orders.set()
+        if orders_task is not None:
+            await orders_task  # the writer finishes its batch while the gateway drains
         await runner.cleanup()
 
 
@@ -73,10 +90,12 @@ def _worker(settings: Settings) -> None:
     uvloop.run(serve_until_signal(settings, reuse_port=True))
 
 
-def serve(settings: Settings, workers: int, on_ready: Callable[[str], None]) -> int:
+def serve(
+    settings: Settings, workers: int, on_ready: Callable[[str], None], with_orders: bool = False
+) -> int:
     """Run ``workers`` gateway processes on one port; returns the exit code."""
     if workers == 1:
-        uvloop.run(serve_until_signal(settings, on_ready=on_ready))
+        uvloop.run(serve_until_signal(settings, on_ready=on_ready, with_orders=with_orders))
         return 0
     if settings.server.port == 0:
         print("seckill: --workers > 1 needs a fixed --port", file=sys.stderr)

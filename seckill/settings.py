@@ -68,6 +68,24 @@ class PurchaseSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class WriterSettings:
+    batch_size: int
+    block_ms: int
+    max_rows_per_s: float
+    claim_idle_ms: int
+    retry_idle_ms: int
+    max_deliveries: int
+    trim_interval_s: float
+    metrics_port: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SweeperSettings:
+    interval_s: float
+    batch_size: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     redis: RedisSettings
@@ -76,6 +94,13 @@ class Settings:
     admin: AdminSettings
     payment: PaymentSettings
     purchase: PurchaseSettings
+    writer: WriterSettings
+    sweeper: SweeperSettings
+
+    @property
+    def database_url(self) -> str:
+        """The configured database, or SQLite under var_dir (the embedded default)."""
+        return self.database.url or f"sqlite:///{Path(self.server.var_dir) / 'orders.db'}"
 
     def replace(self, section: str, **values: Any) -> Settings:
         """A copy with some keys of one section changed (CLI flags, tests)."""
@@ -178,6 +203,20 @@ def _check(settings: Settings) -> None:
         "must be in (0, 1] (stock_left may lag by at most 1 s)",
     )
     need(s.purchase.negative_cache_s >= 0, "purchase.negative_cache_s", "must be >= 0")
+    need(1 <= s.writer.batch_size <= 10_000, "writer.batch_size", "must be 1..10000")
+    need(1 <= s.writer.block_ms <= 60_000, "writer.block_ms", "must be 1..60000")
+    need(s.writer.max_rows_per_s > 0, "writer.max_rows_per_s", "must be > 0")
+    need(s.writer.claim_idle_ms >= 1000, "writer.claim_idle_ms", "must be >= 1000")
+    need(s.writer.retry_idle_ms >= 10, "writer.retry_idle_ms", "must be >= 10")
+    need(1 <= s.writer.max_deliveries <= 1000, "writer.max_deliveries", "must be 1..1000")
+    need(s.writer.trim_interval_s > 0, "writer.trim_interval_s", "must be > 0")
+    need(0 <= s.writer.metrics_port <= 65535, "writer.metrics_port", "must be 0..65535")
+    need(
+        0 < s.sweeper.interval_s <= 1.5,
+        "sweeper.interval_s",
+        "must be in (0, 1.5] (expiry within 2 s of the deadline)",
+    )
+    need(1 <= s.sweeper.batch_size <= 10_000, "sweeper.batch_size", "must be 1..10000")
 
 
 def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -42,6 +43,32 @@ class Reservation:
     expires_at_ms: int = 0
     stock_left: int | None = None
     gate: str = ""
+
+
+class Release(enum.Enum):
+    """What release_stock.lua decided."""
+
+    RELEASED = "released"
+    NOT_FOUND = "not_found"
+    NOT_CANCELLABLE = "not_cancellable"
+    NOT_DUE = "not_due"
+
+
+class Payment(enum.Enum):
+    """What confirm_payment.lua decided."""
+
+    PAID = "paid"
+    REFUND_REQUIRED = "refund_required"
+    IGNORED = "ignored"
+    NOT_FOUND = "not_found"
+    AMOUNT_MISMATCH = "amount_mismatch"
+
+
+_RELEASES = {r.value.encode(): r for r in Release}
+_PAYMENTS = {p.value.encode(): p for p in Payment}
+
+# payment providers retry callbacks for days; their answers are kept well beyond that
+PAYMENT_EVENT_TTL_S = 30 * 86_400
 
 
 def fingerprint(quantity: int) -> str:
@@ -90,6 +117,67 @@ class Stock:
                 return Reservation(outcome, reply[1].decode(), int(reply[2]), int(reply[3]))
             return Reservation(outcome)
         raise RuntimeError("order id collided three times")  # pragma: no cover
+
+    async def release(self, order_id: str, cause: str, owner: str = "") -> Release:
+        """Cancel (owner given) or expire (owner "") a reserved order; stock goes back once."""
+        activity_id = keys.activity_of_order(order_id)
+        if activity_id is None:
+            return Release.NOT_FOUND
+        reply = await self._scripts.release_stock(
+            self._client, keys.release_keys(activity_id), [order_id, cause, owner]
+        )
+        outcome = _RELEASES[reply[0]]
+        if outcome is Release.RELEASED:
+            try:
+                await self._client.publish(keys.EVENTS_CHANNEL, f"restock:{activity_id}")
+            except CONNECTION_ERRORS:
+                log.warning(
+                    "restock of %s not announced; processes re-read within 1 s", activity_id
+                )
+        return outcome
+
+    async def pay(self, order_id: str, event_id: str, amount_cents: int, success: bool) -> Payment:
+        """Apply one payment callback, exactly once per event id."""
+        activity_id = keys.activity_of_order(order_id)
+        if activity_id is None:
+            return Payment.NOT_FOUND
+        reply = await self._scripts.confirm_payment(
+            self._client,
+            keys.payment_keys(activity_id, event_id),
+            [
+                order_id,
+                event_id,
+                amount_cents,
+                "SUCCESS" if success else "FAILED",
+                PAYMENT_EVENT_TTL_S,
+            ],
+        )
+        return _PAYMENTS[reply[0]]
+
+    async def due(self, activity_id: str, now_ms: int, limit: int) -> list[str]:
+        """Reserved orders of the activity whose payment deadline has passed."""
+        try:
+            members: Any = await self._client.zrangebyscore(
+                keys.deadlines(activity_id), "-inf", now_ms, start=0, num=limit
+            )
+        except CONNECTION_ERRORS as exc:
+            raise RedisUnavailable() from exc
+        return [m.decode() for m in members]
+
+    async def forget_deadline(self, activity_id: str, order_id: str) -> None:
+        """Drop a deadline whose order is no longer reserved."""
+        try:
+            await self._client.zrem(keys.deadlines(activity_id), order_id)
+        except CONNECTION_ERRORS as exc:
+            raise RedisUnavailable() from exc
+
+    async def activity_ids(self) -> list[str]:
+        """Every activity ever defined."""
+        try:
+            members: Any = await self._client.smembers(keys.ACTIVITIES)
+        except CONNECTION_ERRORS as exc:
+            raise RedisUnavailable() from exc
+        return sorted(m.decode() for m in members)
 
     async def put_activity(self, activity: Activity) -> str:
         """Create or replace (before its start) an activity and load its stock; Conflict else."""

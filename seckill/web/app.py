@@ -12,9 +12,10 @@ from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from seckill import resources
-from seckill.auth import AdminAuth, UserAuth
+from seckill.auth import AdminAuth, PaymentSignature, UserAuth
 from seckill.catalog import Catalog
 from seckill.metrics import Metrics
+from seckill.orders.store import StoreUnavailable, open_store
 from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
@@ -49,6 +50,16 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await services.redis.connection_pool.disconnect()
 
 
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    # the purchase path never touches the database: reads (order lookups, reports) only
+    try:
+        await app[SERVICES].store.migrate()
+    except StoreUnavailable as exc:
+        log.warning("order store unavailable at start (%s); reports answer 503 until it is", exc)
+    yield
+    await app[SERVICES].store.close()
+
+
 async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(app[SERVICES].catalog.run())
     yield
@@ -74,15 +85,17 @@ def create_app(settings: Settings) -> web.Application:
         negative_cache_s=settings.purchase.negative_cache_s,
     )
     metrics = Metrics()
-    metrics.gauges.add(
+    metrics.readings.add(
         "seckill_stock_left",
         "Quantity still on sale, as this process last saw it",
+        "gauge",
         ["activity"],
         lambda: {(k,): float(e.stock_left) for k, e in catalog.entries().items()},
     )
-    metrics.gauges.add(
+    metrics.readings.add(
         "seckill_activity_sold_out",
         "1 while this process answers sold_out without Redis",
+        "gauge",
         ["activity"],
         lambda: {
             (k,): float(e.stock_left <= 0 and e.holders is not None)
@@ -97,12 +110,15 @@ def create_app(settings: Settings) -> web.Application:
         catalog=catalog,
         users=UserAuth(settings.jwt.secret),
         admin=AdminAuth(settings.admin.token),
+        payments=PaymentSignature(settings.payment.secret, settings.payment.tolerance_s),
+        store=open_store(settings.database_url),
         metrics=metrics,
         openapi=yaml.safe_load(resources.openapi_path().read_text(encoding="utf-8")),
     )
     app = web.Application(middlewares=[errors], client_max_size=1024 * 1024)
     app[SERVICES] = services
     app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_catalog_ctx)
     app.add_routes(public.routes)
     app.add_routes(admin.routes)

@@ -13,13 +13,16 @@ from seckill.errors import (
     IdempotencyKeyReused,
     InvalidRequest,
     LimitReached,
+    NotCancellable,
     NotFound,
     NotStarted,
     Overloaded,
     SeckillError,
     SoldOut,
 )
-from seckill.stock import Outcome
+from seckill.orders.record import OrderRecord
+from seckill.orders.store import StoreUnavailable
+from seckill.stock import Outcome, Payment, Release
 from seckill.web.bodies import parse_json, read_limited
 from seckill.web.middlewares import refusal
 from seckill.web.state import SERVICES, Services
@@ -136,7 +139,74 @@ async def get_order(request: web.Request) -> web.Response:
     """The caller's own order; someone else's is indistinguishable from a missing one."""
     services = request.app[SERVICES]
     user_id = services.users.user_id(request.headers.get("Authorization"))
-    record = await services.stock.order(request.match_info["order_id"])
+    record = await _own_order(services, request.match_info["order_id"], user_id)
+    return web.json_response(record.public())
+
+
+async def _own_order(services: Services, order_id: str, user_id: str) -> OrderRecord:
+    record = await services.stock.order(order_id)
+    if record is None and keys.activity_of_order(order_id) is not None:
+        # Redis is the live copy; the store is the record once Redis has let an order go
+        try:
+            record = await services.store.order(order_id)
+        except StoreUnavailable as exc:
+            raise Overloaded("order store unavailable") from exc
     if record is None or record.user_id != user_id:
         raise NotFound("no such order")
-    return web.json_response(record.public())
+    return record
+
+
+@routes.post("/api/v1/orders/{order_id}/cancel", name="order_cancel")
+async def cancel_order(request: web.Request) -> web.Response:
+    """The owner gives a reserved order up; its stock goes back on sale."""
+    services = request.app[SERVICES]
+    user_id = services.users.user_id(request.headers.get("Authorization"))
+    await read_limited(request, services.settings.server.max_body_bytes)
+    order_id = request.match_info["order_id"]
+    outcome = await services.stock.release(order_id, "cancelled", owner=user_id)
+    if outcome is Release.NOT_FOUND:
+        raise NotFound("no such order")
+    if outcome is Release.NOT_CANCELLABLE:
+        await _own_order(services, order_id, user_id)  # someone else's order stays a 404
+        raise NotCancellable()
+    return web.json_response((await _own_order(services, order_id, user_id)).public())
+
+
+_PAYMENT_FIELDS = {"event_id", "order_id", "amount_cents", "status"}
+
+
+def _payment(body: Any) -> tuple[str, str, int, bool]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be a JSON object")
+    unknown = sorted(set(body) - _PAYMENT_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field: {unknown[0]}")
+    missing = sorted(_PAYMENT_FIELDS - set(body))
+    if missing:
+        raise InvalidRequest(f"missing field: {missing[0]}")
+    event_id, order_id = body["event_id"], body["order_id"]
+    amount, status = body["amount_cents"], body["status"]
+    if not isinstance(event_id, str) or not keys.IDEMPOTENCY_KEY_PATTERN.fullmatch(event_id):
+        raise InvalidRequest("event_id must be 1-64 characters of [A-Za-z0-9_-]")
+    if not isinstance(order_id, str) or not 1 <= len(order_id) <= 200:
+        raise InvalidRequest("order_id must be a string")
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+        raise InvalidRequest("amount_cents must be a non-negative integer")
+    if status not in ("SUCCESS", "FAILED"):
+        raise InvalidRequest('status must be "SUCCESS" or "FAILED"')
+    return event_id, order_id, amount, status == "SUCCESS"
+
+
+@routes.post("/api/v1/payments/notify", name="payment_notify")
+async def payment_notify(request: web.Request) -> web.Response:
+    """The payment provider's callback: paid, refund_required or ignored, once per event id."""
+    services = request.app[SERVICES]
+    raw = await read_limited(request, services.settings.server.max_body_bytes)
+    services.payments.verify(request.headers.get("Seckill-Signature"), raw)
+    event_id, order_id, amount, success = _payment(parse_json(raw))
+    outcome = await services.stock.pay(order_id, event_id, amount, success)
+    if outcome is Payment.NOT_FOUND:
+        raise NotFound("no such order")
+    if outcome is Payment.AMOUNT_MISMATCH:
+        raise InvalidRequest("amount_cents does not match the order's price times quantity")
+    return web.json_response({"result": outcome.value})

@@ -8,9 +8,10 @@ from typing import Any
 from aiohttp import web
 from redis.asyncio import Redis
 
-from seckill.auth import AdminAuth, UserAuth
+from seckill.auth import AdminAuth, PaymentSignature, UserAuth
 from seckill.catalog import Catalog
 from seckill.metrics import Metrics
+from seckill.orders.store import OrderStore
 from seckill.scripts import Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
@@ -25,6 +26,8 @@ class Services:
     catalog: Catalog
     users: UserAuth
     admin: AdminAuth
+    payments: PaymentSignature
+    store: OrderStore
     metrics: Metrics
     openapi: dict[str, Any] = field(default_factory=dict)
 

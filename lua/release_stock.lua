@@ -1,0 +1,49 @@
+-- release_stock.lua: end a reserved order (cancelled by its owner, or expired by the sweeper)
+-- and put its stock back on sale, exactly once.
+--
+-- KEYS[1] stock      string  quantity on sale
+-- KEYS[2] holders    hash    user id -> quantity held in live orders
+-- KEYS[3] orders     hash    order id -> msgpack order record
+-- KEYS[4] deadlines  zset    order id -> payment deadline (ms)
+-- KEYS[5] changes    stream  status transitions for the order writer (field "c": msgpack)
+-- KEYS[6] counters   hash    reserved (held, unpaid), released (cumulative)
+-- ARGV[1] order id
+-- ARGV[2] cause: "cancelled" (owner's request) or "expired" (sweeper)
+-- ARGV[3] user id that must own the order ("" for the sweeper)
+--
+-- Returns {"released", stock_left, quantity} or {code} with code in not_found,
+-- not_cancellable (not reserved any more), not_due (an expiry before its deadline).
+-- Every check runs before the first write.
+
+local blob = redis.call('HGET', KEYS[3], ARGV[1])
+if not blob then
+  return {'not_found'}
+end
+local order = cmsgpack.unpack(blob)
+if ARGV[3] ~= '' and order['user_id'] ~= ARGV[3] then
+  return {'not_found'}
+end
+if order['status'] ~= 'reserved' then
+  return {'not_cancellable'}
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[2] == 'expired' and now_ms < tonumber(order['expires_at']) then
+  return {'not_due'}
+end
+
+local quantity = tonumber(order['quantity'])
+order['status'] = ARGV[2]
+local record = cmsgpack.pack(order)
+redis.call('HSET', KEYS[3], ARGV[1], record)
+redis.call('ZREM', KEYS[4], ARGV[1])
+local left = redis.call('INCRBY', KEYS[1], quantity)
+if redis.call('HINCRBY', KEYS[2], order['user_id'], -quantity) <= 0 then
+  redis.call('HDEL', KEYS[2], order['user_id'])
+end
+redis.call('HINCRBY', KEYS[6], 'reserved', -quantity)
+redis.call('HINCRBY', KEYS[6], 'released', quantity)
+redis.call('XADD', KEYS[5], '*', 'c', cmsgpack.pack({
+  kind = 'transition', order = order, from = 'reserved', to = ARGV[2], at = now_ms,
+}))
+return {'released', left, quantity}

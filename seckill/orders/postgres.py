@@ -1,0 +1,169 @@
+"""PostgreSQL order store (asyncpg): the production record of orders."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import asyncpg
+
+from seckill.orders import store as sql
+from seckill.orders.record import OrderRecord
+from seckill.orders.store import Batch, OrderStore, StoreUnavailable, WriteResult
+
+# What "the database is away" looks like through asyncpg: retry later, never poison.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.AdminShutdownError,
+)
+
+_MIGRATION_LOCK = 0x5EC_0001  # pg_advisory_xact_lock key: one migrator at a time
+
+
+def _numbered(statement: str) -> str:
+    counter = iter(range(1, 1000))
+    return re.sub(r"\?", lambda _: f"${next(counter)}", statement)
+
+
+INSERT_ORDER = _numbered(sql.INSERT_ORDER)
+UPDATE_FROM = _numbered(sql.UPDATE_FROM)
+SELECT_STATUS = _numbered(sql.SELECT_STATUS)
+INSERT_EVENT = _numbered(sql.INSERT_EVENT)
+INSERT_PAYMENT = _numbered(sql.INSERT_PAYMENT)
+SELECT_ORDER = _numbered(sql.SELECT_ORDER)
+COUNT_ORDERS = _numbered(sql.COUNT_ORDERS)
+SELECT_STATUSES = _numbered(sql.SELECT_STATUSES)
+SELECT_EVENTS = _numbered(sql.SELECT_EVENTS)
+SELECT_PAYMENTS = _numbered(sql.SELECT_PAYMENTS)
+
+
+class PostgresStore(OrderStore):
+    def __init__(self, url: str, *, pool_size: int = 4, timeout_s: float = 5.0) -> None:
+        self.url = url
+        self._pool_size = pool_size
+        self._timeout_s = timeout_s
+        self._pool: asyncpg.Pool | None = None
+
+    async def _acquire_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self.url,
+                    min_size=1,
+                    max_size=self._pool_size,
+                    timeout=self._timeout_s,
+                    command_timeout=self._timeout_s,
+                )
+            except UNAVAILABLE as exc:
+                raise StoreUnavailable(str(exc)) from exc
+        return self._pool
+
+    async def _run(self, work: Any) -> Any:
+        pool = await self._acquire_pool()
+        try:
+            async with pool.acquire(timeout=self._timeout_s) as connection:
+                return await work(connection)
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def migrate(self) -> None:
+        async def work(db: asyncpg.Connection) -> None:
+            async with db.transaction():
+                await db.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await db.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+                )
+                current = await db.fetchval("SELECT MAX(version) FROM schema_version") or 0
+                for version, statements in enumerate(sql.SCHEMA, start=1):
+                    if version > current:
+                        for statement in statements:
+                            await db.execute(statement)
+                        await db.execute(
+                            "INSERT INTO schema_version (version) VALUES ($1)", version
+                        )
+
+        await self._run(work)
+
+    async def write(self, batch: Batch) -> WriteResult:
+        async def work(db: asyncpg.Connection) -> WriteResult:
+            result = WriteResult()
+            async with db.transaction():
+                if batch.created:
+                    before = await db.fetchval(
+                        "SELECT COUNT(*) FROM orders WHERE order_id = ANY($1)",
+                        [o.order_id for o in batch.created],
+                    )
+                    await db.executemany(INSERT_ORDER, [sql.order_row(o) for o in batch.created])
+                    await db.executemany(
+                        INSERT_EVENT, [sql.creation_event(o) for o in batch.created]
+                    )
+                    result.inserted += len(batch.created) - int(before)
+                for change in batch.transitions:
+                    order = change.order
+                    status = await db.execute(INSERT_ORDER, *sql.order_row(order))
+                    result.inserted += status.endswith(" 1")
+                    await db.execute(INSERT_EVENT, *sql.creation_event(order))
+                    # FOR UPDATE: two writers redelivering the same change serialize here
+                    await db.fetchval(SELECT_STATUS + " FOR UPDATE", order.order_id)
+                    updated = await db.execute(
+                        UPDATE_FROM,
+                        change.to_state,
+                        order.paid_at_ms,
+                        order.order_id,
+                        change.from_state,
+                    )
+                    current = await db.fetchval(SELECT_STATUS, order.order_id)
+                    if current != change.to_state:
+                        result.illegal.append(change)
+                        continue
+                    result.applied += updated.endswith(" 1")
+                    await db.execute(
+                        INSERT_EVENT,
+                        order.order_id,
+                        change.from_state,
+                        change.to_state,
+                        sql.CAUSES[change.to_state],
+                        change.at_ms,
+                    )
+                if batch.payments:
+                    await db.executemany(
+                        INSERT_PAYMENT,
+                        [
+                            (p.event_id, p.order_id, p.amount_cents, p.result, p.at_ms)
+                            for p in batch.payments
+                        ],
+                    )
+            return result
+
+        result: WriteResult = await self._run(work)
+        return result
+
+    async def order(self, order_id: str) -> OrderRecord | None:
+        row = await self._run(lambda db: db.fetchrow(SELECT_ORDER, order_id))
+        return sql.record_from_row(row) if row else None
+
+    async def count(self, activity_id: str) -> int:
+        return int(await self._run(lambda db: db.fetchval(COUNT_ORDERS, activity_id)))
+
+    async def statuses(self, activity_id: str) -> dict[str, str]:
+        rows = await self._run(lambda db: db.fetch(SELECT_STATUSES, activity_id))
+        return {r[0]: r[1] for r in rows}
+
+    async def history(self, order_id: str) -> list[tuple[str, str, str, int]]:
+        rows = await self._run(lambda db: db.fetch(SELECT_EVENTS, order_id))
+        return [tuple(r) for r in rows]
+
+    async def payments(self, order_id: str) -> list[tuple[str, str]]:
+        rows = await self._run(lambda db: db.fetch(SELECT_PAYMENTS, order_id))
+        return [tuple(r) for r in rows]
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()

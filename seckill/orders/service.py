@@ -1,0 +1,53 @@
+"""The writer and the sweeper as one background service (`seckill writer`, `seckill up`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+
+from seckill.orders.store import OrderStore
+from seckill.orders.sweeper import Sweeper
+from seckill.orders.writer import Writer, WriterConfig
+from seckill.scripts import Coalescer, Scripts
+from seckill.settings import Settings
+from seckill.stock import Stock
+
+log = logging.getLogger(__name__)
+
+
+class OrderService:
+    """An order writer and an expiry sweeper sharing one Redis client and one store."""
+
+    def __init__(self, settings: Settings, client: Redis, store: OrderStore) -> None:
+        w = settings.writer
+        self.writer = Writer(
+            client,
+            store,
+            WriterConfig(
+                batch_size=w.batch_size,
+                block_ms=w.block_ms,
+                max_rows_per_s=w.max_rows_per_s,
+                claim_idle_ms=w.claim_idle_ms,
+                retry_idle_ms=w.retry_idle_ms,
+                max_deliveries=w.max_deliveries,
+                trim_interval_s=w.trim_interval_s,
+            ),
+        )
+        scripts = Scripts.from_dir()
+        stock = Stock(
+            client,
+            scripts,
+            Coalescer(client, max_batch=64, in_flight=2),
+            settings.purchase.idempotency_ttl_s,
+        )
+        self.sweeper = Sweeper(
+            stock, interval_s=settings.sweeper.interval_s, batch_size=settings.sweeper.batch_size
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Write and sweep until ``stop``; the writer finishes the batch in hand."""
+        log.info("order writer %s started", self.writer.consumer)
+        await asyncio.gather(self.writer.run(stop), self.sweeper.run(stop))
+        log.info("order writer %s stopped", self.writer.consumer)

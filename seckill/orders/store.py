@@ -1,0 +1,212 @@
+"""The order store: where accepted orders become the record, behind one small interface.
+
+PostgreSQL (asyncpg) in production, SQLite as the embedded default; both run the same SQL.
+Every write is idempotent, so a batch delivered twice (a writer killed between commit and
+XACK) changes nothing the second time:
+
+- a created order is ``INSERT … ON CONFLICT DO NOTHING`` on its id;
+- a transition carries the whole record after the change. It is inserted if the order is not
+  there yet (another writer may still hold its creation), else applied only from the expected
+  state; if the order ends in any other state the transition was illegal: refused and counted.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from seckill.orders.record import OrderRecord
+
+LEGAL_TRANSITIONS = frozenset(
+    {("reserved", "paid"), ("reserved", "cancelled"), ("reserved", "expired")}
+)
+
+
+class StoreUnavailable(Exception):
+    """The database did not answer (connection refused, lost, timed out, locked): retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    order: OrderRecord  # the record after the change
+    from_state: str
+    to_state: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentEvent:
+    event_id: str
+    order_id: str
+    amount_cents: int
+    result: str
+    at_ms: int
+
+
+@dataclass(slots=True)
+class Batch:
+    created: list[OrderRecord] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)
+    payments: list[PaymentEvent] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.created) + len(self.transitions) + len(self.payments)
+
+
+@dataclass(slots=True)
+class WriteResult:
+    inserted: int = 0
+    applied: int = 0
+    illegal: list[Transition] = field(default_factory=list)
+
+
+SCHEMA: list[list[str]] = [
+    # version 1
+    [
+        """CREATE TABLE IF NOT EXISTS orders (
+            order_id      TEXT PRIMARY KEY,
+            activity_id   TEXT NOT NULL,
+            user_id       TEXT NOT NULL,
+            quantity      INTEGER NOT NULL CHECK (quantity > 0),
+            status        TEXT NOT NULL
+                          CHECK (status IN ('reserved', 'paid', 'cancelled', 'expired')),
+            created_at_ms BIGINT NOT NULL,
+            expires_at_ms BIGINT NOT NULL,
+            paid_at_ms    BIGINT NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX IF NOT EXISTS orders_by_activity ON orders (activity_id, status)",
+        """CREATE TABLE IF NOT EXISTS order_events (
+            order_id   TEXT NOT NULL,
+            from_state TEXT NOT NULL,
+            to_state   TEXT NOT NULL,
+            cause      TEXT NOT NULL,
+            at_ms      BIGINT NOT NULL,
+            PRIMARY KEY (order_id, to_state)
+        )""",
+        """CREATE TABLE IF NOT EXISTS payment_events (
+            event_id     TEXT PRIMARY KEY,
+            order_id     TEXT NOT NULL,
+            amount_cents BIGINT NOT NULL,
+            result       TEXT NOT NULL,
+            at_ms        BIGINT NOT NULL
+        )""",
+    ],
+]
+
+# Statements in "?" style; the PostgreSQL backend numbers them.
+INSERT_ORDER = (
+    "INSERT INTO orders (order_id, activity_id, user_id, quantity, status, created_at_ms,"
+    " expires_at_ms, paid_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (order_id) DO NOTHING"
+)
+UPDATE_FROM = "UPDATE orders SET status = ?, paid_at_ms = ? WHERE order_id = ? AND status = ?"
+SELECT_STATUS = "SELECT status FROM orders WHERE order_id = ?"
+INSERT_EVENT = (
+    "INSERT INTO order_events (order_id, from_state, to_state, cause, at_ms)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (order_id, to_state) DO NOTHING"
+)
+INSERT_PAYMENT = (
+    "INSERT INTO payment_events (event_id, order_id, amount_cents, result, at_ms)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
+)
+SELECT_ORDER = (
+    "SELECT order_id, activity_id, user_id, quantity, status, created_at_ms, expires_at_ms,"
+    " paid_at_ms FROM orders WHERE order_id = ?"
+)
+COUNT_ORDERS = "SELECT COUNT(*) FROM orders WHERE activity_id = ?"
+SELECT_STATUSES = "SELECT order_id, status FROM orders WHERE activity_id = ?"
+SELECT_EVENTS = (
+    "SELECT from_state, to_state, cause, at_ms FROM order_events WHERE order_id = ? ORDER BY at_ms"
+)
+SELECT_PAYMENTS = "SELECT event_id, result FROM payment_events WHERE order_id = ? ORDER BY at_ms"
+
+CAUSES = {"paid": "payment", "cancelled": "cancel", "expired": "expiry"}
+
+
+def order_row(order: OrderRecord) -> tuple[Any, ...]:
+    """INSERT_ORDER parameters."""
+    return (
+        order.order_id,
+        order.activity_id,
+        order.user_id,
+        order.quantity,
+        order.status,
+        order.created_at_ms,
+        order.expires_at_ms,
+        order.paid_at_ms,
+    )
+
+
+def creation_event(order: OrderRecord) -> tuple[Any, ...]:
+    """INSERT_EVENT parameters of an order's creation."""
+    return (order.order_id, "new", "reserved", "purchase", order.created_at_ms)
+
+
+def record_from_row(row: Any) -> OrderRecord:
+    return OrderRecord(
+        order_id=row[0],
+        activity_id=row[1],
+        user_id=row[2],
+        quantity=int(row[3]),
+        status=row[4],
+        created_at_ms=int(row[5]),
+        expires_at_ms=int(row[6]),
+        paid_at_ms=int(row[7] or 0),
+    )
+
+
+class OrderStore(abc.ABC):
+    """Where orders are the record."""
+
+    @abc.abstractmethod
+    async def migrate(self) -> None:
+        """Create or upgrade the schema."""
+
+    @abc.abstractmethod
+    async def write(self, batch: Batch) -> WriteResult:
+        """Apply one batch in one transaction; StoreUnavailable when the database is away."""
+
+    @abc.abstractmethod
+    async def order(self, order_id: str) -> OrderRecord | None:
+        """One order, or None."""
+
+    @abc.abstractmethod
+    async def count(self, activity_id: str) -> int:
+        """How many orders of the activity are stored."""
+
+    @abc.abstractmethod
+    async def statuses(self, activity_id: str) -> dict[str, str]:
+        """Order id -> status for every stored order of the activity."""
+
+    @abc.abstractmethod
+    async def history(self, order_id: str) -> list[tuple[str, str, str, int]]:
+        """(from, to, cause, at_ms) of every transition of the order, oldest first."""
+
+    @abc.abstractmethod
+    async def payments(self, order_id: str) -> list[tuple[str, str]]:
+        """(event_id, result) of every payment callback recorded for the order."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+
+def open_store(url: str) -> OrderStore:
+    """The store a database URL names (postgresql://… or sqlite:///path)."""
+    scheme = urlparse(url).scheme
+    if scheme in {"postgresql", "postgres"}:
+        from seckill.orders.postgres import PostgresStore
+
+        return PostgresStore(url)
+    if scheme == "sqlite":
+        from seckill.orders.sqlite import SqliteStore
+
+        return SqliteStore(_sqlite_path(url))
+    raise ValueError(f"unsupported database URL: {url!r}")
+
+
+def _sqlite_path(url: str) -> str:
+    # sqlite:///relative/path and sqlite:////absolute/path, as SQLAlchemy spells them
+    rest = url[len("sqlite://") :]
+    return rest[1:] if rest.startswith("/") else rest
