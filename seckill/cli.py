@@ -139,6 +139,7 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             # SIGTERM: finish the batch in hand, acknowledge it, exit 0
             loop.add_signal_handler(sig, stop.set)
+        print(f"seckill writer {service.writer.consumer} running", flush=True)
         try:
             await service.run(stop)
         finally:

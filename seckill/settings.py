@@ -76,6 +76,7 @@ class WriterSettings:
     retry_idle_ms: int
     max_deliveries: int
     trim_interval_s: float
+    consumer: str
     metrics_port: int
 
 

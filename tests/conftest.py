@@ -92,3 +92,58 @@ def live_gateway(
     yield url
     process.terminate()
     process.wait(10)
+
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "SECKILL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of our own on the machine's PostgreSQL, dropped at the end of the run."""
+    import asyncio
+    import secrets
+    from concurrent.futures import ThreadPoolExecutor
+
+    import asyncpg
+
+    name = f"seckill_test_{secrets.token_hex(4)}"
+
+    async def execute(statement: str) -> None:
+        connection = await asyncpg.connect(POSTGRES_ADMIN_URL)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    def admin(statement: str) -> None:
+        # a thread of its own: the fixture may be set up while the test loop is running
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, execute(statement)).result()
+
+    admin(f'CREATE DATABASE "{name}"')
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[object]:
+    """An empty, migrated order store of each kind."""
+    from seckill.orders.store import open_store
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'orders.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    opened = open_store(url)
+    await opened.migrate()
+    if request.param == "postgres":
+        import asyncpg
+
+        connection = await asyncpg.connect(url)
+        await connection.execute("TRUNCATE orders, order_events, payment_events")
+        await connection.close()
+    opened.url = url  # type: ignore[attr-defined]
+    yield opened
+    await opened.close()

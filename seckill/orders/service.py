@@ -34,6 +34,7 @@ class OrderService:
                 max_deliveries=w.max_deliveries,
                 trim_interval_s=w.trim_interval_s,
             ),
+            consumer=w.consumer or None,
         )
         scripts = Scripts.from_dir()
         stock = Stock(

@@ -125,7 +125,9 @@ class Writer:
         self.config = config or WriterConfig()
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.stats = WriterStats()
-        self._bucket = LocalBucket(self.config.max_rows_per_s, max(self.config.max_rows_per_s, 1))
+        # a tenth of a second of burst: a restarted writer must not start with a free second
+        rate = self.config.max_rows_per_s
+        self._bucket = LocalBucket(rate, max(rate / 10, 1.0))
         self._streams: list[str] = []
         self._known: set[str] = set()
 
