@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from seckill import resources
 from seckill import settings as settings_module
-from seckill.auth import UserAuth
+from seckill.auth import PaymentSignature, UserAuth
 from tests.helpers import activity_body
 
 schema = schemathesis.openapi.from_path(str(resources.openapi_path()))
@@ -23,11 +24,16 @@ schema.config.generation.update(
 _SETTINGS = settings_module.load(environ={})
 _USER = {"Authorization": f"Bearer {UserAuth(_SETTINGS.jwt.secret).mint('fuzzer', 3600)}"}
 _ADMIN = {"Authorization": f"Bearer {_SETTINGS.admin.token}"}
+_SIGNER = PaymentSignature(_SETTINGS.payment.secret, _SETTINGS.payment.tolerance_s)
 LIVE_ACTIVITY = "fuzz-live"
 # Rules JSON Schema cannot state (ends_at after starts_at; quantity at most the stored
 # activity's per_user_limit): schema-valid bodies may still be 400 there, so only those two
 # operations skip the "valid data is accepted" check. Every other check still runs on them.
-_CROSS_FIELD_RULES = {"/admin/v1/activities", "/api/v1/activities/{activity_id}/orders"}
+_CROSS_FIELD_RULES = {
+    "/admin/v1/activities",
+    "/api/v1/activities/{activity_id}/orders",
+    "/api/v1/payments/notify",  # the amount must match the order's price times quantity
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +58,13 @@ def test_api_conforms(case: Any, seeded: str) -> None:
         headers.update(_ADMIN)
     elif security and "user" in security[0]:
         headers.update(_USER)
+    elif security and "payment" in security[0] and isinstance(case.body, dict):
+        raw = json.dumps(case.body).encode()
+        headers["Seckill-Signature"] = _SIGNER.sign(raw)
+        case.body = None
+        # send exactly the bytes that were signed
+        case.headers = {**(case.headers or {}), "Content-Type": "application/json"}
+        return _call_signed(case, seeded, headers, raw)
     positive = case.meta is None or case.meta.generation.mode is GenerationMode.POSITIVE
     aimed = positive and "activity_id" in (case.path_parameters or {})
     # half the positive cases aim at an activity that exists and is on sale
@@ -61,3 +74,9 @@ def test_api_conforms(case: Any, seeded: str) -> None:
     if case.method == "POST" and case.path in _CROSS_FIELD_RULES:
         excluded.append(positive_data_acceptance)
     case.call_and_validate(base_url=seeded, headers=headers, excluded_checks=excluded)
+
+
+def _call_signed(case: Any, base_url: str, headers: dict[str, str], raw: bytes) -> None:
+    """Payment callbacks are signed over the raw body, so the body is sent as those bytes."""
+    response = case.call(base_url=base_url, headers=headers, data=raw)
+    case.validate_response(response, excluded_checks=[positive_data_acceptance])
