@@ -274,7 +274,9 @@ async def test_two_writers_share_the_stream_without_duplicates(
 ) -> None:
     await _activity(stock, "pair", 2000)
     writers = [
-        Writer(redis, store, WriterConfig(block_ms=20, batch_size=50), f"w{i}") for i in (1, 2)
+        # 2000 rows/s each: neither can drain the stream alone before the other reads
+        Writer(redis, store, WriterConfig(block_ms=20, batch_size=50, max_rows_per_s=2000), f"w{i}")
+        for i in (1, 2)
     ]
     stop = asyncio.Event()
     running = [asyncio.create_task(w.run(stop)) for w in writers]
@@ -284,9 +286,10 @@ async def test_two_writers_share_the_stream_without_duplicates(
     finally:
         stop.set()
         await asyncio.gather(*running)
-    assert await store.count("pair") == 2000
-    assert all(w.stats.rows > 0 for w in writers), "both writers took a share"
-    assert sum(w.stats.inserted for w in writers) == 2000
+    shares = [(w.stats.rows, w.stats.inserted) for w in writers]
+    assert await store.count("pair") == 2000, shares
+    assert all(rows > 0 for rows, _ in shares), f"both writers took a share: {shares}"
+    assert sum(inserted for _, inserted in shares) == 2000, f"no row inserted twice: {shares}"
 
 
 async def test_trimming_never_drops_an_unacknowledged_entry(redis: Redis, stock: Stock) -> None:
