@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test lint clean
+.PHONY: up test lint bench tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,10 +12,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,loadtest]'
 	touch $(STAMP)
 
+# System tools from the distribution: redis-server (the embedded Redis, the test suite's
+# private Redis) and wrk (the benchmarks). Installed with apt-get when missing and allowed.
+tools:
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing:$$missing (install them with your package manager)"; exit 1; \
+	  fi; \
+	fi
+
 up: $(STAMP)
+	@command -v redis-server >/dev/null 2>&1 || [ -n "$$SECKILL_REDIS_URL" ] || $(MAKE) --no-print-directory tools
 	$(BIN)/seckill up
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
@@ -23,6 +39,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+bench: $(STAMP) tools
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

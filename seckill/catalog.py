@@ -87,6 +87,10 @@ class Catalog:
         finally:
             del self._loading[activity_id]
 
+    async def reload(self, activity_id: str) -> Entry | None:
+        """Read the activity from Redis now, bypassing the cache (after this process changed it)."""
+        return await self._load(activity_id)
+
     async def _load(self, activity_id: str) -> Entry | None:
         try:
             pipe = self._client.pipeline(transaction=False)

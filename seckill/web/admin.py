@@ -24,7 +24,8 @@ async def put_activity(request: web.Request) -> web.Response:
     services.admin.check(request.headers.get("Authorization"))
     activity = Activity.from_request(parse_json(await read_limited(request, _ADMIN_BODY_LIMIT)))
     await services.stock.put_activity(activity)
-    entry = await services.catalog.get(activity.id)
+    # the cache may still hold the replaced definition until the change event arrives
+    entry = await services.catalog.reload(activity.id)
     if entry is None:  # deleted between the write and the read: report it honestly
         raise NotFound("activity vanished after creation")
     return web.json_response(entry.activity.admin(clock.now_ms(), entry.stock_left), status=201)
