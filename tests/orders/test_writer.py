@@ -54,6 +54,18 @@ async def _buy(stock: Stock, activity_id: str, first: int, count: int) -> list[s
     return [r.order_id for r in results]
 
 
+@contextlib.asynccontextmanager
+async def running(*writers: Writer) -> AsyncIterator[None]:
+    """Writers running in the background; on exit they finish their batch and stop."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(w.run(stop)) for w in writers]
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
 async def _grown(store: OrderStore, at_least: int) -> bool:
     return await store.count("flow") >= at_least
 
@@ -183,27 +195,24 @@ async def test_postgres_refusing_connections_loses_nothing(
     await proxy.start()
     proxied = open_store(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
     writer = Writer(redis, proxied, WriterConfig(block_ms=50, backoff_max_s=0.3), "w-outage")
-    stop = asyncio.Event()
-    running = asyncio.create_task(writer.run(stop))
     try:
-        await _activity(stock, "outage", 1000)
-        await _buy(stock, "outage", 0, 300)
-        await _wait(lambda: _settled(redis, "outage"), 20, "the first orders")
-        assert await direct.count("outage") == 300
+        async with running(writer):
+            await _activity(stock, "outage", 1000)
+            await _buy(stock, "outage", 0, 300)
+            await _wait(lambda: _settled(redis, "outage"), 20, "the first orders")
+            assert await direct.count("outage") == 300
 
-        await proxy.cut()
-        await _buy(stock, "outage", 300, 300)
-        await _wait(lambda: _failing(writer), 20, "the writer to notice the outage")
-        await asyncio.sleep(0.5)
-        assert await direct.count("outage") == 300, "nothing written while the database is away"
-        assert (await backlog(redis, keys.stream("outage"))).total == 300, "and nothing lost"
+            await proxy.cut()
+            await _buy(stock, "outage", 300, 300)
+            await _wait(lambda: _failing(writer), 20, "the writer to notice the outage")
+            await asyncio.sleep(0.5)
+            assert await direct.count("outage") == 300, "nothing written while it is away"
+            assert (await backlog(redis, keys.stream("outage"))).total == 300, "nothing lost"
 
-        await proxy.start()
-        await _wait(lambda: _settled(redis, "outage"), 30, "the writer to catch up")
-        assert await direct.count("outage") == 600
+            await proxy.start()
+            await _wait(lambda: _settled(redis, "outage"), 30, "the writer to catch up")
+            assert await direct.count("outage") == 600
     finally:
-        stop.set()
-        await running
         await proxied.close()
         await direct.close()
         await proxy.cut()
@@ -219,24 +228,21 @@ async def test_sqlite_locked_by_another_process_loses_nothing(
     path = tmp_path / "orders.db"
     store = open_store(f"sqlite:///{path}")
     writer = Writer(redis, store, WriterConfig(block_ms=50, backoff_max_s=0.3), "w-locked")
-    stop = asyncio.Event()
-    running = asyncio.create_task(writer.run(stop))
     try:
-        await _activity(stock, "locked", 400)
-        await _buy(stock, "locked", 0, 100)
-        await _wait(lambda: _settled(redis, "locked"), 20, "the first orders")
-        # another process holds the write lock (as a long migration or a backup would)
-        blocker = sqlite3.connect(path, isolation_level=None, timeout=0.1)
-        blocker.execute("BEGIN EXCLUSIVE")
-        await _buy(stock, "locked", 100, 100)
-        await _wait(lambda: _failing(writer), 30, "the writer to hit the lock")
-        blocker.execute("COMMIT")
-        blocker.close()
-        await _wait(lambda: _settled(redis, "locked"), 30, "the writer to catch up")
+        async with running(writer):
+            await _activity(stock, "locked", 400)
+            await _buy(stock, "locked", 0, 100)
+            await _wait(lambda: _settled(redis, "locked"), 20, "the first orders")
+            # another process holds the write lock (as a long migration or a backup would)
+            blocker = sqlite3.connect(path, isolation_level=None, timeout=0.1)
+            blocker.execute("BEGIN EXCLUSIVE")
+            await _buy(stock, "locked", 100, 100)
+            await _wait(lambda: _failing(writer), 30, "the writer to hit the lock")
+            blocker.execute("COMMIT")
+            blocker.close()
+            await _wait(lambda: _settled(redis, "locked"), 30, "the writer to catch up")
         assert await store.count("locked") == 200
     finally:
-        stop.set()
-        await running
         await store.close()
 
 
@@ -251,14 +257,9 @@ async def test_a_poison_entry_is_dead_lettered_and_the_rest_flows(
     writer = Writer(
         redis, store, WriterConfig(block_ms=20, retry_idle_ms=20, max_deliveries=3), "w-poison"
     )
-    stop = asyncio.Event()
-    running = asyncio.create_task(writer.run(stop))
-    try:
+    async with running(writer):
         await _wait(lambda: _dead_letters(redis, "poison", 2), 20, "two dead letters")
         await _wait(lambda: _settled(redis, "poison"), 20, "the pending list to drain")
-    finally:
-        stop.set()
-        await running
     assert await store.count("poison") == 80, "every good order flowed on"
     assert writer.stats.dead_letters == 2
     dead: Any = await redis.xrange(keys.dead_letters("poison"))
@@ -273,19 +274,12 @@ async def test_two_writers_share_the_stream_without_duplicates(
     redis: Redis, stock: Stock, store: OrderStore
 ) -> None:
     await _activity(stock, "pair", 2000)
-    writers = [
-        # 2000 rows/s each: neither can drain the stream alone before the other reads
-        Writer(redis, store, WriterConfig(block_ms=20, batch_size=50, max_rows_per_s=2000), f"w{i}")
-        for i in (1, 2)
-    ]
-    stop = asyncio.Event()
-    running = [asyncio.create_task(w.run(stop)) for w in writers]
-    try:
+    # 2000 rows/s each: neither can drain the stream alone before the other reads
+    config = WriterConfig(block_ms=20, batch_size=50, max_rows_per_s=2000)
+    writers = [Writer(redis, store, config, f"w{i}") for i in (1, 2)]
+    async with running(*writers):
         await _buy(stock, "pair", 0, 2000)
         await _wait(lambda: _settled(redis, "pair"), 30, "both writers to drain")
-    finally:
-        stop.set()
-        await asyncio.gather(*running)
     shares = [(w.stats.rows, w.stats.inserted) for w in writers]
     assert await store.count("pair") == 2000, shares
     assert all(rows > 0 for rows, _ in shares), f"both writers took a share: {shares}"
