@@ -15,7 +15,7 @@ from aiohttp import web
 from seckill.orders.service import OrderService
 from seckill.settings import Settings
 from seckill.web.app import create_app
-from seckill.web.state import SERVICES
+from seckill.web.state import SERVICES, Services
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ async def serve_until_signal(
         services = app[SERVICES]
         orders = OrderService(settings, services.redis, services.store)
         services.metrics.add_writer(orders.writer, orders.sweeper)
-        orders_task = asyncio.create_task(orders.run(stop_orders))
+        orders_task = asyncio.create_task(
+            orders.run(stop_orders, final_drain_s=settings.server.shutdown_timeout_s)
+        )
     port = settings.server.port
     server = getattr(site, "_server", None)
     if server is not None and server.sockets:
@@ -76,13 +78,31 @@ async def serve_until_signal(
     finally:
         for waiter in waiters:
             waiter.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         log.info("shutting down: finishing in-flight requests")
+        # the handlers stay installed until the end: a repeated signal must not kill the drain
+        await _drain(site, app[SERVICES], settings.server.shutdown_timeout_s)
         stop_orders.set()
         if orders_task is not None:
             await orders_task  # the writer finishes its batch while the gateway drains
         await runner.cleanup()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _drain(site: web.TCPSite, services: Services, timeout_s: float) -> None:
+    """Stop accepting, then wait for every request already started to answer.
+
+    aiohttp's own shutdown ignores bytes that arrive after it begins, so a request whose body
+    is still on its way would hang until the timeout: the drain happens before it.
+    """
+    await site.stop()
+    services.draining = True
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    # polled, not an Event: the request path stays a bare integer increment
+    while services.in_flight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    if services.in_flight:
+        log.warning("%d requests still in flight after %.1fs", services.in_flight, timeout_s)
 
 
 def _worker(settings: Settings) -> None:

@@ -47,8 +47,18 @@ class OrderService:
             stock, interval_s=settings.sweeper.interval_s, batch_size=settings.sweeper.batch_size
         )
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Write and sweep until ``stop``; the writer finishes the batch in hand."""
+    async def run(self, stop: asyncio.Event, final_drain_s: float = 0.0) -> None:
+        """Write and sweep until ``stop``; the writer finishes the batch in hand.
+
+        ``final_drain_s`` > 0 then writes what is left, for at most that long (`seckill up`:
+        one machine, so a clean stop should leave the database complete). Whatever remains
+        stays in Redis and is written on the next start.
+        """
         log.info("order writer %s started", self.writer.consumer)
         await asyncio.gather(self.writer.run(stop), self.sweeper.run(stop))
+        if final_drain_s > 0:
+            try:
+                await asyncio.wait_for(self.writer.drain(), final_drain_s)
+            except TimeoutError:
+                log.warning("backlog not fully written in %.1fs; it waits in Redis", final_drain_s)
         log.info("order writer %s stopped", self.writer.consumer)

@@ -72,6 +72,10 @@ class PoisonEntry(ValueError):
     """An entry that cannot be decoded; it is never acknowledged until dead-lettered."""
 
 
+def _id(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def decode(stream: str, fields: dict[bytes, bytes]) -> OrderRecord | Transition | PaymentEvent:
     """One stream entry as a store operation; PoisonEntry when it makes no sense."""
     try:
@@ -231,44 +235,72 @@ class Writer:
 
     async def _recover(self, stop: asyncio.Event, own_any_age: bool) -> None:
         for stream in list(self._streams):
-            while not stop.is_set():
+            await self._recover_own(stream, stop, own_any_age)
+            await self._take_over(stream, stop)
+
+    async def _recover_own(self, stream: str, stop: asyncio.Event, any_age: bool) -> None:
+        """Re-deliver our own pending entries (all of them on start; refused ones later)."""
+        while not stop.is_set():
+            pending: Any = await self.client.xpending_range(
+                stream,
+                GROUP,
+                min="-",
+                max="+",
+                count=self.config.batch_size,
+                consumername=self.consumer,
+                idle=0 if any_age else self.config.retry_idle_ms,
+            )
+            if not pending:
+                return
+            # the number this delivery will have: XCLAIM counts it, which is what lets a
+            # poison entry reach the limit
+            counts = {p["message_id"].decode(): int(p["times_delivered"]) + 1 for p in pending}
+            messages: Any = await self.client.xclaim(stream, GROUP, self.consumer, 0, list(counts))
+            await self._redeliver(stream, messages, counts, stop)
+            if len(pending) < self.config.batch_size:
+                return
+
+    async def _take_over(self, stream: str, stop: asyncio.Event) -> None:
+        """XAUTOCLAIM what writers that stopped answering left pending for claim_idle_ms."""
+        cursor: Any = "0-0"
+        while not stop.is_set():
+            reply: Any = await self.client.xautoclaim(
+                stream,
+                GROUP,
+                self.consumer,
+                self.config.claim_idle_ms,
+                cursor,
+                count=self.config.batch_size,
+            )
+            cursor, messages = reply[0], reply[1]
+            if messages:
+                claimed = [m[0].decode() for m in messages]
                 pending: Any = await self.client.xpending_range(
                     stream,
                     GROUP,
-                    min="-",
-                    max="+",
-                    count=self.config.batch_size,
-                    idle=0 if own_any_age else self.config.retry_idle_ms,
+                    min=claimed[0],
+                    max=claimed[-1],
+                    count=len(claimed) * 2,
+                    consumername=self.consumer,
                 )
-                mine, dead, poison = [], [], []
-                for item in pending:
-                    entry_id = item["message_id"].decode()
-                    owner = item["consumer"].decode()
-                    if item["times_delivered"] >= self.config.max_deliveries:
-                        poison.append(entry_id)
-                    elif owner == self.consumer:
-                        mine.append(entry_id)
-                    elif item["time_since_delivered"] >= self.config.claim_idle_ms:
-                        dead.append(entry_id)
-                for entry_id in poison:
-                    await self._dead_letter(stream, entry_id)
-                claimed: list[Entry] = []
-                for ids, idle in ((mine, 0), (dead, self.config.claim_idle_ms)):
-                    if ids:
-                        # XCLAIM counts a delivery: that is what lets poison reach the limit
-                        messages: Any = await self.client.xclaim(
-                            stream, GROUP, self.consumer, idle, ids
-                        )
-                        claimed += [
-                            (stream, entry_id.decode(), fields)
-                            for entry_id, fields in messages
-                            if fields is not None
-                        ]
-                if claimed:
-                    await self._process(claimed, stop)
-                if len(pending) < self.config.batch_size or not (claimed or poison):
-                    break
-            own_any_age = False
+                counts = {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
+                await self._redeliver(stream, messages, counts, stop)
+            if _id(cursor) == "0-0":
+                return
+
+    async def _redeliver(
+        self, stream: str, messages: Any, counts: dict[str, int], stop: asyncio.Event
+    ) -> None:
+        """Process claimed entries; one past its max_deliveries-th delivery is dead-lettered."""
+        entries: list[Entry] = []
+        for entry_id, fields in messages:
+            identifier = entry_id.decode()
+            if counts.get(identifier, 0) > self.config.max_deliveries:
+                await self._dead_letter(stream, identifier)
+            elif fields is not None:
+                entries.append((stream, identifier, fields))
+        if entries:
+            await self._process(entries, stop)
 
     async def _dead_letter(self, stream: str, entry_id: str) -> None:
         activity_id = stream.split("{a:", 1)[1].split("}", 1)[0]

@@ -15,10 +15,15 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body over {limit} bytes")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise PayloadTooLarge(f"body over {limit} bytes")
-    return body
+    # read to the end: a body may arrive in several segments (slow mobile networks)
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_json(raw: bytes) -> Any:

@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from seckill.errors import SeckillError
+from seckill.metrics import Metrics
 from seckill.web.state import SERVICES
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,19 @@ def error_response(
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn SeckillError (and aiohttp's own HTTP errors) into contract errors; count outcomes."""
+    services = request.app[SERVICES]
+    services.in_flight += 1
+    try:
+        response = await _answer(request, handler, services.metrics)
+    finally:
+        services.in_flight -= 1
+    if services.draining:
+        response.force_close()
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler, metrics: Metrics) -> web.StreamResponse:
     route = request.match_info.route.name or "unmatched"
-    metrics = request.app[SERVICES].metrics
     try:
         response = await handler(request)
     except SeckillError as exc:

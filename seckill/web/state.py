@@ -30,6 +30,10 @@ class Services:
     store: OrderStore
     metrics: Metrics
     openapi: dict[str, Any] = field(default_factory=dict)
+    # requests whose handler has started and not answered yet (graceful drain, load shedding)
+    in_flight: int = 0
+    # set on SIGTERM: answers carry "Connection: close" while in-flight requests finish
+    draining: bool = False
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)

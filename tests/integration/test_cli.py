@@ -110,3 +110,92 @@ def test_token_is_signed_with_the_configured_secret() -> None:
 def test_serve_without_a_redis_url_refuses() -> None:
     result = _seckill("serve", "--port", "0")
     assert result.returncode == 2 and "SECKILL_REDIS_URL" in result.stderr
+
+
+def test_sigterm_finishes_the_request_in_flight(tmp_path: Path) -> None:
+    import socket
+
+    from seckill.auth import UserAuth
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "seckill", "up", "--port", "0"],
+        env=CLEAN_ENV,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().split()[-1]
+        host, port = url.removeprefix("http://").split(":")
+        settings = settings_module.load(environ={})
+        create = urllib.request.Request(
+            f"{url}/admin/v1/activities",
+            data=json.dumps(activity_body(id="drain")).encode(),
+            headers={"Authorization": f"Bearer {settings.admin.token}"},
+            method="POST",
+        )
+        urllib.request.urlopen(create, timeout=5).close()
+        token = UserAuth(settings.jwt.secret).mint("late-shopper", 600)
+        body = b'{"quantity": 1}'
+        head = (
+            f"POST /api/v1/activities/drain/orders HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {token}\r\nIdempotency-Key: k1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head + body[:5])  # the request is in flight...
+            time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)  # ...when the process is told to stop
+            time.sleep(0.5)
+            sock.sendall(body[5:])
+            answer = sock.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 202"), answer
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    assert code == 0
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "var" / "orders.db") as db:
+        stored = db.execute("SELECT user_id FROM orders WHERE activity_id = 'drain'").fetchall()
+    assert stored == [("late-shopper",)], "the writer persisted it before exiting"
+
+
+def test_serve_with_two_workers_shares_one_port_and_stops_cleanly(
+    tmp_path: Path, redis_url: str
+) -> None:
+    from seckill.embedded import free_port
+
+    port = free_port()
+    env = {**CLEAN_ENV, "SECKILL_REDIS_URL": redis_url}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "seckill", "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith(f"seckill serving on http://127.0.0.1:{port}")
+        workers = subprocess.run(
+            ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(workers) >= 2, "two worker processes"
+        answered = 0
+        deadline = time.monotonic() + 20
+        while answered < 20 and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    answered += r.status == 200
+            except OSError:
+                time.sleep(0.1)  # workers still starting
+        assert answered == 20
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    assert code == 0

@@ -298,3 +298,22 @@ async def test_trimming_never_drops_an_unacknowledged_entry(redis: Redis, stock:
     remaining: Any = await redis.xrange(stream)
     assert [entry_id for entry_id, _ in remaining][:10] == ids[10:]
     assert len(remaining) == 20, "pending and undelivered entries are all kept"
+
+
+async def test_a_dead_writers_entries_are_taken_over(
+    redis: Redis, stock: Stock, store: OrderStore
+) -> None:
+    """Entries a writer took and never acknowledged (it died) are claimed by a live one."""
+    await _activity(stock, "orphan", 100)
+    await _buy(stock, "orphan", 0, 60)
+    stream = keys.stream("orphan")
+    await redis.sadd(keys.ACTIVITIES, "orphan")
+    await redis.xgroup_create(stream, GROUP, id="0")
+    taken: Any = await redis.xreadgroup(GROUP, "died", {stream: ">"}, count=60)
+    assert len(taken[0][1]) == 60
+    writer = Writer(redis, store, WriterConfig(block_ms=20, claim_idle_ms=300), "survivor")
+    async with running(writer):
+        await _wait(lambda: _settled(redis, "orphan"), 20, "the takeover")
+    assert await store.count("orphan") == 60
+    consumers: Any = await redis.xinfo_consumers(stream, GROUP)
+    assert {c["name"].decode(): c["pending"] for c in consumers}["died"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -324,3 +325,34 @@ async def test_redis_down_fails_closed_with_retry_after(settings: Settings) -> N
         await _expect(response, 503, "overloaded")
         assert "Retry-After" in response.headers
         assert (await client.get("/healthz")).status == 200
+
+
+async def test_a_body_arriving_in_pieces_is_read_whole(client: Client, settings: Settings) -> None:
+    """Mobile networks deliver bodies in several segments: all of them must be read."""
+    activity_id = await _activity(client, settings)
+
+    async def pieces() -> Any:
+        for part in (b'{"quan', b'tity": ', b"1}"):
+            yield part
+            await asyncio.sleep(0.05)
+
+    response = await client.post(
+        f"/api/v1/activities/{activity_id}/orders",
+        data=pieces(),
+        headers=user_headers(settings, "u1", "k1"),
+    )
+    assert response.status == 202, await response.text()
+    oversize = b"x" * 3000
+
+    async def big() -> Any:
+        yield b'{"quantity": 1, "pad": "'
+        yield oversize
+        yield oversize
+        yield b'"}'
+
+    response = await client.post(
+        f"/api/v1/activities/{activity_id}/orders",
+        data=big(),
+        headers=user_headers(settings, "u2", "k1"),
+    )
+    await _expect(response, 413, "payload_too_large")

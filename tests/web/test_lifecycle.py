@@ -365,3 +365,37 @@ async def test_report_is_consistent_and_reconcile_catches_a_lost_row(
     drift = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
     assert drift.returncode == 1
     assert json.loads(drift.stdout)["consistent"] is False
+
+
+async def test_several_sweepers_release_each_order_exactly_once(
+    client: Client, settings: Settings, sync_redis: redis.Redis, redis_url: str
+) -> None:
+    """Invariant: sweepers in several processes at once give each unit back exactly once."""
+    from redis.asyncio import Redis
+
+    from seckill.scripts import Coalescer, Scripts
+    from seckill.stock import Stock
+
+    activity_id = await _activity(client, settings, stock=40, per_user_limit=2)
+    orders = [await _buy(client, settings, activity_id, f"u{n}", 1 + n % 2) for n in range(20)]
+    for order_id in orders:  # every deadline passes at once
+        import msgpack
+
+        record = msgpack.unpackb(sync_redis.hget(keys.orders(activity_id), order_id), raw=False)
+        record["expires_at"] = int(time.time() * 1000) - 1
+        sync_redis.hset(keys.orders(activity_id), order_id, msgpack.packb(record))
+        sync_redis.zadd(keys.deadlines(activity_id), {order_id: record["expires_at"]})
+    clients = [Redis.from_url(redis_url) for _ in range(3)]
+    sweepers = [
+        Sweeper(Stock(c, Scripts.from_dir(), Coalescer(c, max_batch=8, in_flight=1), 90_000))
+        for c in clients
+    ]
+    expired = await asyncio.gather(*(s.sweep() for s in sweepers))
+    for c in clients:
+        await c.aclose()
+    assert sum(expired) == 20, f"each order expired by exactly one sweeper: {expired}"
+    counters = _counters(sync_redis, activity_id)
+    assert counters["released"] == 30 and counters["available"] == 40
+    assert counters["reserved"] == 0
+    changes = sync_redis.xlen(keys.changes(activity_id))
+    assert changes == 20, "one expiry transition per order"
