@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +22,20 @@ INSTALL_HINT = (
     "macOS: brew install redis) or point seckill at an existing Redis with "
     "SECKILL_REDIS_URL=redis://host:6379/0"
 )
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when seckill dies, even by SIGKILL (Linux).
+
+    Without this a `kill -9` of `seckill up` would leave its private redis-server running.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -74,7 +92,9 @@ class EmbeddedRedis:
             "--protected-mode",
             "yes",
         ]
-        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
         try:

@@ -147,3 +147,26 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     opened.url = url  # type: ignore[attr-defined]
     yield opened
     await opened.close()
+
+
+@pytest.fixture(autouse=True)
+async def hang_report() -> AsyncIterator[None]:
+    """If a test runs for over 60 s, print every asyncio task's stack: a hang explains itself."""
+    import asyncio
+    import sys
+    import threading
+
+    loop = asyncio.get_running_loop()
+
+    def dump() -> None:
+        # the real stderr: pytest captures sys.stderr until the test ends, which a hang never does
+        out = sys.__stderr__
+        print("\n=== test still running after 60 s; asyncio tasks: ===", file=out)
+        for task in asyncio.all_tasks(loop):
+            task.print_stack(file=out)
+
+    timer = threading.Timer(60, lambda: loop.call_soon_threadsafe(dump))
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()

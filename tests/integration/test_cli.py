@@ -199,3 +199,32 @@ def test_serve_with_two_workers_shares_one_port_and_stops_cleanly(
         process.send_signal(signal.SIGTERM)
         code = process.wait(30)
     assert code == 0
+
+
+def test_kill_9_of_up_takes_its_private_redis_down(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "seckill", "up", "--port", "0"],
+        env=CLEAN_ENV,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline().startswith("seckill serving on")
+    children = _redis_children(process.pid)
+    assert children
+    redis_pid = int(children[0].split()[0])
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{redis_pid}").exists() and time.monotonic() < deadline:
+        state = Path(f"/proc/{redis_pid}/stat").read_text().split(")")[1].split()[0]
+        if state == "Z":  # exited; only its zombie entry waits for a reaper
+            break
+        time.sleep(0.05)
+    alive = (
+        Path(f"/proc/{redis_pid}").exists()
+        and Path(f"/proc/{redis_pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    )
+    assert not alive, "no orphaned redis-server"
