@@ -58,6 +58,7 @@ class Catalog:
         self._missing: dict[str, float] = {}
         self._loading: dict[str, asyncio.Future[Entry | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def entries(self) -> dict[str, Entry]:
         """The activities this process has seen."""
@@ -154,6 +155,7 @@ class Catalog:
         try:
             await self._load(activity_id)
         except (RedisUnavailable, *CONNECTION_ERRORS):  # type: ignore[misc]
+            _reraise_pending_cancel()
             log.warning("could not refresh activity %s", activity_id)
 
     async def refresh_all(self) -> None:
@@ -175,11 +177,20 @@ class Catalog:
         ):
             self._spawn(self._reload_quietly(activity_id))
 
+    def close(self) -> None:
+        """Make run() return at its next step (it is also cancelled; see run)."""
+        self._closed = True
+
     async def run(self) -> None:
-        """Background work: the pub/sub listener and the periodic refresh, until cancelled."""
+        """Background work: the pub/sub listener and the periodic refresh, until closed.
+
+        Stopping rests on close() as well as on cancellation: a client library that turns a
+        cancellation into a connection error (an exception raised in a ``finally`` while the
+        connection is torn down) would otherwise keep this loop alive forever.
+        """
         listener = asyncio.create_task(self._listen())
         try:
-            while True:
+            while not self._closed:
                 await asyncio.sleep(self._refresh_interval_s)
                 await self.refresh_all()
         finally:
@@ -190,19 +201,27 @@ class Catalog:
                 task.cancel()
 
     async def _listen(self) -> None:
-        while True:
+        while not self._closed:
             pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(keys.EVENTS_CHANNEL)
                 # events may have been missed while (re)connecting
                 await self.refresh_all()
-                while True:
+                while not self._closed:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message["type"] == "message":
                         self._on_event(message["data"].decode())
             except CONNECTION_ERRORS:
+                _reraise_pending_cancel()
                 log.warning("event subscription lost; resubscribing")
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _reraise_pending_cancel() -> None:
+    """Inside an ``except``: if this task is being cancelled, let the cancellation win."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -159,13 +159,17 @@ async def hang_report() -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
 
     def dump() -> None:
-        # the real stderr: pytest captures sys.stderr until the test ends, which a hang never does
+        # pytest captures even fd 2 until the test ends, which a hung test never does: run
+        # with -s to see this, or read it from the file it is also written to
         out = sys.__stderr__
         print("\n=== test still running after 60 s; asyncio tasks: ===", file=out)
-        for task in asyncio.all_tasks(loop):
-            task.print_stack(file=out)
+        with open("tests-hang-report.txt", "a", encoding="utf-8") as report:
+            for task in asyncio.all_tasks(loop):
+                task.print_stack(file=out)
+                task.print_stack(file=report)
 
-    timer = threading.Timer(60, lambda: loop.call_soon_threadsafe(dump))
+    limit = float(os.environ.get("SECKILL_TEST_HANG_S", "60"))
+    timer = threading.Timer(limit, lambda: loop.call_soon_threadsafe(dump))
     timer.daemon = True
     timer.start()
     yield

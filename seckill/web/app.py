@@ -61,11 +61,14 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(app[SERVICES].catalog.run())
+    catalog = app[SERVICES].catalog
+    task = asyncio.create_task(catalog.run())
     yield
+    catalog.close()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    # bounded: a shutdown must never hang on a background loop
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+        await asyncio.wait_for(task, 5.0)
 
 
 def create_app(settings: Settings) -> web.Application:
