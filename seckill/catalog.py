@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -21,6 +22,7 @@ from redis.asyncio import Redis
 from seckill import keys
 from seckill.activities import Activity
 from seckill.errors import RedisUnavailable
+from seckill.events import Events, reraise_pending_cancel
 from seckill.scripts import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
@@ -155,7 +157,7 @@ class Catalog:
         try:
             await self._load(activity_id)
         except (RedisUnavailable, *CONNECTION_ERRORS):  # type: ignore[misc]
-            _reraise_pending_cancel()
+            reraise_pending_cancel()
             log.warning("could not refresh activity %s", activity_id)
 
     async def refresh_all(self) -> None:
@@ -168,13 +170,18 @@ class Catalog:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _on_event(self, data: str) -> None:
-        kind, _, activity_id = data.partition(":")
+    def listen(self, events: Events) -> None:
+        """Follow activity changes, sell-outs and restocks announced by any process."""
+        for kind in ("activity", "soldout", "restock"):
+            events.on(kind, self._handler(kind), self.refresh_all)
+
+    def _handler(self, kind: str) -> Callable[[str], None]:
+        return lambda subject: self._on_event(kind, subject)
+
+    def _on_event(self, kind: str, activity_id: str) -> None:
         if kind == "activity":
             self._missing.pop(activity_id, None)
-        if kind in {"activity", "soldout", "restock"} and (
-            activity_id in self._entries or kind == "activity"
-        ):
+        if activity_id in self._entries or kind == "activity":
             self._spawn(self._reload_quietly(activity_id))
 
     def close(self) -> None:
@@ -188,40 +195,10 @@ class Catalog:
         cancellation into a connection error (an exception raised in a ``finally`` while the
         connection is torn down) would otherwise keep this loop alive forever.
         """
-        listener = asyncio.create_task(self._listen())
         try:
             while not self._closed:
                 await asyncio.sleep(self._refresh_interval_s)
                 await self.refresh_all()
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
             for task in list(self._tasks):
                 task.cancel()
-
-    async def _listen(self) -> None:
-        while not self._closed:
-            pubsub = self._client.pubsub()
-            try:
-                await pubsub.subscribe(keys.EVENTS_CHANNEL)
-                # events may have been missed while (re)connecting
-                await self.refresh_all()
-                while not self._closed:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None and message["type"] == "message":
-                        self._on_event(message["data"].decode())
-            except CONNECTION_ERRORS:
-                _reraise_pending_cancel()
-                log.warning("event subscription lost; resubscribing")
-                await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-def _reraise_pending_cancel() -> None:
-    """Inside an ``except``: if this task is being cancelled, let the cancellation win."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError

@@ -186,6 +186,48 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if body["consistent"] else 1
 
 
+def cmd_flags(settings: Settings, args: argparse.Namespace) -> int:
+    """`flags list` / `flags set NAME VALUE [--ttl S]`: the same effect as the admin API."""
+    import asyncio
+    import getpass
+    import json
+
+    from seckill.errors import InvalidRequest
+    from seckill.scripts import CONNECTION_ERRORS, Scripts
+    from seckill.switches import Switches
+    from seckill.web.app import redis_client
+
+    resolved = _redis_settings(settings)
+    if resolved is None:
+        return 2
+    settings = resolved
+
+    async def run() -> object:
+        client = redis_client(settings)
+        switches = Switches(client, Scripts.from_dir())
+        try:
+            if args.action == "list":
+                await switches.load()
+                return {"flags": switches.all()}
+            try:
+                value = json.loads(args.value)
+            except json.JSONDecodeError:
+                value = args.value  # a bare word is a string
+            return await switches.set(args.name, value, args.ttl, f"cli:{getpass.getuser()}")
+        finally:
+            await client.aclose()
+
+    try:
+        print(json.dumps(asyncio.run(run()), indent=2))
+    except InvalidRequest as exc:
+        print(f"seckill: {exc.message}", file=sys.stderr)
+        return 2
+    except CONNECTION_ERRORS as exc:
+        print(f"seckill: Redis unreachable: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     """Print a user JWT signed with the configured secret."""
     ttl = args.ttl if args.ttl is not None else settings.jwt.default_ttl_s
@@ -225,6 +267,15 @@ def parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument("activity_id")
     reconcile.set_defaults(run=cmd_reconcile)
+
+    flags = commands.add_parser("flags", help="read or flip degradation flags")
+    flag_actions = flags.add_subparsers(dest="action", required=True, metavar="ACTION")
+    flag_actions.add_parser("list", help="every flag and its value")
+    flag_set = flag_actions.add_parser("set", help="set NAME to VALUE (JSON: true, 0.5, ...)")
+    flag_set.add_argument("name")
+    flag_set.add_argument("value")
+    flag_set.add_argument("--ttl", type=int, help="seconds, then the flag returns by itself")
+    flags.set_defaults(run=cmd_flags)
 
     token = commands.add_parser("token", help="print a user JWT for testing")
     token.add_argument("user_id")

@@ -64,6 +64,7 @@ class Scripts:
     create_activity: Script
     release_stock: Script
     confirm_payment: Script
+    set_flag: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:

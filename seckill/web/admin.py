@@ -6,7 +6,7 @@ from aiohttp import web
 
 from seckill import clock, keys, report
 from seckill.activities import Activity
-from seckill.errors import NotFound, Overloaded, RedisUnavailable
+from seckill.errors import InvalidRequest, NotFound, Overloaded, RedisUnavailable
 from seckill.orders.store import StoreUnavailable
 from seckill.scripts import CONNECTION_ERRORS
 from seckill.web.bodies import parse_json, read_limited
@@ -48,3 +48,52 @@ async def activity_report(request: web.Request) -> web.Response:
     if body is None:
         raise NotFound("no such activity")
     return web.json_response(body)
+
+
+@routes.get("/admin/v1/flags", name="admin_flags_list")
+async def list_flags(request: web.Request) -> web.Response:
+    """Every flag with its current value."""
+    services = request.app[SERVICES]
+    services.admin.check(request.headers.get("Authorization"))
+    return web.json_response({"flags": services.switches.all()})
+
+
+@routes.put("/admin/v1/flags/{name}", name="admin_flag_put")
+async def put_flag(request: web.Request) -> web.Response:
+    """Flip a flag, optionally for ttl_s seconds; audited, in effect everywhere within 1 s."""
+    services = request.app[SERVICES]
+    services.admin.check(request.headers.get("Authorization"))
+    body = parse_json(await read_limited(request, services.settings.server.max_body_bytes))
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be a JSON object")
+    unknown = sorted(set(body) - {"value", "ttl_s"})
+    if unknown:
+        raise InvalidRequest(f"unknown field: {unknown[0]}")
+    if "value" not in body:
+        raise InvalidRequest("missing field: value")
+    who = f"admin-api:{request.remote or 'unknown'}"
+    try:
+        answer = await services.switches.set(
+            request.match_info["name"], body["value"], body.get("ttl_s"), who
+        )
+    except CONNECTION_ERRORS as exc:
+        raise RedisUnavailable() from exc
+    return web.json_response(answer)
+
+
+@routes.get("/admin/v1/flags/audit", name="admin_flags_audit")
+async def flags_audit(request: web.Request) -> web.Response:
+    """The most recent flag changes, newest first (?limit=, at most 1000)."""
+    services = request.app[SERVICES]
+    services.admin.check(request.headers.get("Authorization"))
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise InvalidRequest("limit must be an integer") from None
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest("limit must be in 1..1000")
+    try:
+        entries = await services.switches.audit(limit)
+    except CONNECTION_ERRORS as exc:
+        raise RedisUnavailable() from exc
+    return web.json_response({"entries": entries})

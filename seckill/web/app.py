@@ -14,11 +14,13 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from seckill import resources
 from seckill.auth import AdminAuth, PaymentSignature, UserAuth
 from seckill.catalog import Catalog
+from seckill.events import Events
 from seckill.metrics import Metrics
 from seckill.orders.store import StoreUnavailable, open_store
 from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
+from seckill.switches import Switches
 from seckill.web import admin, ops, public
 from seckill.web.middlewares import errors
 from seckill.web.state import SERVICES, Services
@@ -60,15 +62,19 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[SERVICES].store.close()
 
 
-async def _catalog_ctx(app: web.Application) -> AsyncIterator[None]:
-    catalog = app[SERVICES].catalog
-    task = asyncio.create_task(catalog.run())
+async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Events listener, catalog refresh, flag resync: closed and awaited (bounded) at exit."""
+    services = app[SERVICES]
+    loops = (services.events, services.catalog, services.switches)
+    tasks = [asyncio.create_task(loop.run()) for loop in loops]
     yield
-    catalog.close()
-    task.cancel()
+    for loop in loops:
+        loop.close()
+    for task in tasks:
+        task.cancel()
     # bounded: a shutdown must never hang on a background loop
     with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-        await asyncio.wait_for(task, 5.0)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5.0)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -105,8 +111,14 @@ def create_app(settings: Settings) -> web.Application:
             for k, e in catalog.entries().items()
         },
     )
+    events = Events(client)
+    catalog.listen(events)
+    switches = Switches(client, scripts, resync_interval_s=settings.purchase.refresh_interval_s)
+    switches.listen(events)
     services = Services(
         settings=settings,
+        switches=switches,
+        events=events,
         redis=client,
         scripts=scripts,
         stock=Stock(client, scripts, coalescer, settings.purchase.idempotency_ttl_s),
@@ -122,7 +134,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SERVICES] = services
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_store_ctx)
-    app.cleanup_ctx.append(_catalog_ctx)
+    app.cleanup_ctx.append(_background_ctx)
     app.add_routes(public.routes)
     app.add_routes(admin.routes)
     app.add_routes(ops.routes)

@@ -9,6 +9,7 @@ from aiohttp import web
 from seckill import clock, keys
 from seckill.catalog import Entry
 from seckill.errors import (
+    Degraded,
     Ended,
     IdempotencyKeyReused,
     InvalidRequest,
@@ -17,6 +18,8 @@ from seckill.errors import (
     NotFound,
     NotStarted,
     Overloaded,
+    Paused,
+    RateLimited,
     SeckillError,
     SoldOut,
 )
@@ -31,6 +34,13 @@ routes = web.RouteTableDef()
 
 _SOLD_OUT = SoldOut()
 _ENDED = Ended()
+# switches and limits decided in the gateway, answered by the script after idempotency
+_GATES: dict[str, SeckillError] = {
+    "degraded": Degraded("flash sales are switched off for now"),
+    "paused": Paused("this activity is paused"),
+    "ended": _ENDED,
+    "rate_limited": RateLimited(),
+}
 _REFUSALS: dict[Outcome, SeckillError] = {
     Outcome.NOT_FOUND: NotFound("no such activity"),
     Outcome.REUSED: IdempotencyKeyReused(),
@@ -101,11 +111,17 @@ async def create_order(request: web.Request) -> web.Response:
     if quantity > activity.per_user_limit:
         raise InvalidRequest(f"quantity must be at most {activity.per_user_limit}")
 
+    gate = services.switches.gate(activity_id)
     if entry.sold_out_for(user_id):
-        # the storm's common case: no Redis round trip for a user who holds nothing here
+        # the storm's common case: no Redis round trip for a user who holds nothing here;
+        # the answer is still the first that applies of switches, window, stock
+        if gate:
+            return refusal(_GATES[gate])
         return refusal(_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT)
 
-    reservation = await services.stock.reserve(activity_id, user_id, idempotency_key, quantity)
+    reservation = await services.stock.reserve(
+        activity_id, user_id, idempotency_key, quantity, gate
+    )
     outcome = reservation.outcome
     if outcome is Outcome.OK:
         services.catalog.note_reserved(activity_id, reservation.stock_left or 0)
@@ -119,7 +135,7 @@ async def create_order(request: web.Request) -> web.Response:
         )
     if outcome is Outcome.SOLD_OUT:
         services.catalog.note_sold_out(activity_id)
-    error = _REFUSALS.get(outcome)
+    error = _REFUSALS.get(outcome) or _GATES.get(reservation.gate)
     if error is None:
         raise Overloaded(f"refused: {reservation.gate}")
     return refusal(error)
@@ -131,7 +147,12 @@ async def get_activity(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     activity_id = request.match_info["activity_id"]
     entry = await _entry(services, activity_id)
-    return web.json_response(entry.activity.public(clock.now_ms(), entry.stock_left))
+    switches = services.switches
+    paused = switches.value(f"activity.{activity_id}.paused") is True
+    now = clock.now_ms()
+    if switches.value(f"activity.{activity_id}.closed") is True:
+        now = max(now, entry.activity.ends_at_ms)  # closed early: shown as ended
+    return web.json_response(entry.activity.public(now, entry.stock_left, paused))
 
 
 @routes.get("/api/v1/orders/{order_id}", name="order_get")

@@ -10,11 +10,13 @@ from redis.asyncio import Redis
 
 from seckill.auth import AdminAuth, PaymentSignature, UserAuth
 from seckill.catalog import Catalog
+from seckill.events import Events
 from seckill.metrics import Metrics
 from seckill.orders.store import OrderStore
 from seckill.scripts import Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
+from seckill.switches import Switches
 
 
 @dataclass(slots=True)
@@ -24,6 +26,8 @@ class Services:
     scripts: Scripts
     stock: Stock
     catalog: Catalog
+    switches: Switches
+    events: Events
     users: UserAuth
     admin: AdminAuth
     payments: PaymentSignature
