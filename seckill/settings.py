@@ -87,6 +87,13 @@ class SweeperSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ProtectionSettings:
+    max_in_flight: int
+    redis_fail_max: int
+    redis_reset_timeout_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     redis: RedisSettings
@@ -97,6 +104,7 @@ class Settings:
     purchase: PurchaseSettings
     writer: WriterSettings
     sweeper: SweeperSettings
+    protection: ProtectionSettings
 
     @property
     def database_url(self) -> str:
@@ -218,6 +226,13 @@ def _check(settings: Settings) -> None:
         "must be in (0, 1.5] (expiry within 2 s of the deadline)",
     )
     need(1 <= s.sweeper.batch_size <= 10_000, "sweeper.batch_size", "must be 1..10000")
+    need(s.protection.max_in_flight >= 1, "protection.max_in_flight", "must be >= 1")
+    need(s.protection.redis_fail_max >= 1, "protection.redis_fail_max", "must be >= 1")
+    need(
+        s.protection.redis_reset_timeout_s > 0,
+        "protection.redis_reset_timeout_s",
+        "must be > 0",
+    )
 
 
 def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

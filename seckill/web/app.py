@@ -13,7 +13,9 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from seckill import resources
 from seckill.auth import AdminAuth, PaymentSignature, UserAuth
+from seckill.breakers import STATES, AsyncBreaker
 from seckill.catalog import Catalog
+from seckill.errors import RedisUnavailable
 from seckill.events import Events
 from seckill.metrics import Metrics
 from seckill.orders.store import StoreUnavailable, open_store
@@ -115,8 +117,40 @@ def create_app(settings: Settings) -> web.Application:
     catalog.listen(events)
     switches = Switches(client, scripts, resync_interval_s=settings.purchase.refresh_interval_s)
     switches.listen(events)
+    redis_breaker = AsyncBreaker(
+        "redis",
+        fail_max=settings.protection.redis_fail_max,
+        reset_timeout_s=settings.protection.redis_reset_timeout_s,
+        failures=(RedisUnavailable,),
+    )
+    metrics.readings.add(
+        "seckill_breaker_state",
+        "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+        "gauge",
+        ["breaker"],
+        lambda: {(redis_breaker.name,): STATES[redis_breaker.state]},
+    )
+    metrics.readings.add(
+        "seckill_breaker_transitions_total",
+        "Circuit breaker state changes",
+        "counter",
+        ["breaker"],
+        lambda: {(redis_breaker.name,): float(redis_breaker.transitions)},
+    )
+    metrics.readings.add(
+        "seckill_flag_value",
+        "Degradation flags as numbers (true 1, false 0)",
+        "gauge",
+        ["flag"],
+        lambda: {
+            (name,): float(value)
+            for name, value in switches.all().items()
+            if isinstance(value, bool | int | float)
+        },
+    )
     services = Services(
         settings=settings,
+        redis_breaker=redis_breaker,
         switches=switches,
         events=events,
         redis=client,
@@ -132,6 +166,20 @@ def create_app(settings: Settings) -> web.Application:
     )
     app = web.Application(middlewares=[errors], client_max_size=1024 * 1024)
     app[SERVICES] = services
+    metrics.readings.add(
+        "seckill_shed_total",
+        "Requests refused at once because the process was at max_in_flight",
+        "counter",
+        [],
+        lambda: {(): float(services.shed)},
+    )
+    metrics.readings.add(
+        "seckill_in_flight",
+        "Requests this process is working on",
+        "gauge",
+        [],
+        lambda: {(): float(services.in_flight)},
+    )
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_background_ctx)

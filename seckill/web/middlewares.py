@@ -8,11 +8,14 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from seckill.errors import SeckillError
+from seckill.errors import Overloaded, SeckillError
 from seckill.metrics import Metrics
 from seckill.web.state import SERVICES
 
 log = logging.getLogger(__name__)
+
+_NEVER_SHED = frozenset({"/healthz", "/readyz", "/metrics"})
+_SHED = Overloaded("too many requests in flight, retry later", retry_after=1)
 
 # set on a returned (not raised) error response so the outcome is counted by its code
 OUTCOME: web.ResponseKey[str] = web.ResponseKey("seckill.outcome", str)
@@ -61,6 +64,12 @@ def error_response(
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn SeckillError (and aiohttp's own HTTP errors) into contract errors; count outcomes."""
     services = request.app[SERVICES]
+    at_capacity = services.in_flight >= services.settings.protection.max_in_flight
+    if at_capacity and request.path not in _NEVER_SHED:
+        # load shedding: a pre-encoded answer, before auth, parsing or any Redis call
+        services.shed += 1
+        services.metrics.count(request.match_info.route.name or "unmatched", "shed")
+        return refusal(_SHED)
     services.in_flight += 1
     try:
         response = await _answer(request, handler, services.metrics)

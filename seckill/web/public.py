@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from seckill import clock, keys
+from seckill.breakers import BreakerOpen
 from seckill.catalog import Entry
 from seckill.errors import (
     Degraded,
@@ -32,6 +33,7 @@ from seckill.web.state import SERVICES, Services
 
 routes = web.RouteTableDef()
 
+_REDIS_DOWN = Overloaded("stock service unavailable, retry later", retry_after=2)
 _SOLD_OUT = SoldOut()
 _ENDED = Ended()
 # switches and limits decided in the gateway, answered by the script after idempotency
@@ -119,9 +121,13 @@ async def create_order(request: web.Request) -> web.Response:
             return refusal(_GATES[gate])
         return refusal(_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT)
 
-    reservation = await services.stock.reserve(
-        activity_id, user_id, idempotency_key, quantity, gate
-    )
+    try:
+        reservation = await services.redis_breaker.call(
+            lambda: services.stock.reserve(activity_id, user_id, idempotency_key, quantity, gate)
+        )
+    except BreakerOpen:
+        # fail closed: never sell without Redis; retry once the breaker has probed again
+        return refusal(_REDIS_DOWN)
     outcome = reservation.outcome
     if outcome is Outcome.OK:
         services.catalog.note_reserved(activity_id, reservation.stock_left or 0)

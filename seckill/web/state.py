@@ -9,6 +9,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from seckill.auth import AdminAuth, PaymentSignature, UserAuth
+from seckill.breakers import AsyncBreaker
 from seckill.catalog import Catalog
 from seckill.events import Events
 from seckill.metrics import Metrics
@@ -28,6 +29,7 @@ class Services:
     catalog: Catalog
     switches: Switches
     events: Events
+    redis_breaker: AsyncBreaker
     users: UserAuth
     admin: AdminAuth
     payments: PaymentSignature
@@ -38,6 +40,7 @@ class Services:
     in_flight: int = 0
     # set on SIGTERM: answers carry "Connection: close" while in-flight requests finish
     draining: bool = False
+    shed: int = 0
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
