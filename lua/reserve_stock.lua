@@ -8,6 +8,8 @@
 -- KEYS[6] stream     stream  accepted orders for the order writer (field "o": msgpack record)
 -- KEYS[7] counters   hash    orders_created (count), reserved (quantity held, unpaid)
 -- KEYS[8] idem       string  msgpack {fingerprint, order_id, quantity, expires_at_ms}
+-- KEYS[9] user bucket  hash  token bucket of (activity, user)
+-- KEYS[10] ip bucket   hash  token bucket of (activity, client IP)
 -- ARGV[1] user id
 -- ARGV[2] quantity (integer >= 1)
 -- ARGV[3] request fingerprint (same body <=> same fingerprint)
@@ -15,14 +17,21 @@
 -- ARGV[5] idempotency ttl, seconds
 -- ARGV[6] gate: "" to sell, or an error code ("degraded", "paused", "rate_limited", ...) that
 --         answers after the idempotency check, so replays still replay
+-- ARGV[7] user rate/s  ARGV[8] user burst  ARGV[9] ip rate/s  ARGV[10] ip burst
+--         (rate 0: no such limit)
+-- ARGV[11] limits mode: "enforce", or "shadow" (evaluated and counted, never refused)
 --
 -- Returns one of
 --   {"ok", order_id, quantity, expires_at_ms, stock_left}
 --   {"replay", order_id, quantity, expires_at_ms}
+--   {"rate_limited", scope, retry_after_ms}    scope: user or ip
 --   {code}  with code in not_found, reused, <gate>, not_started, ended, limit_reached,
 --           sold_out, collision
 --
 -- Every check runs before the first write: Redis does not roll back a script that fails halfway.
+-- (Taking a rate-limit token is the attempt's own outcome, not a half-done purchase.)
+
+--! include take_token.lua
 
 local user = ARGV[1]
 local quantity = tonumber(ARGV[2])
@@ -52,6 +61,26 @@ end
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- rate limits, after idempotency and switches, before the window (the contract's order).
+-- A token taken is spent on the attempt whatever its outcome: limits count attempts.
+local buckets = {
+  {'user', KEYS[9], tonumber(ARGV[7]), tonumber(ARGV[8])},
+  {'ip', KEYS[10], tonumber(ARGV[9]), tonumber(ARGV[10])},
+}
+for _, bucket in ipairs(buckets) do
+  if bucket[3] > 0 then
+    local allowed, _, retry = take_token(bucket[2], bucket[3], bucket[4], 1, now_ms)
+    if allowed == 0 then
+      if ARGV[11] == 'shadow' then
+        redis.call('HINCRBY', KEYS[7], 'shadow_limited_' .. bucket[1], 1)
+      else
+        redis.call('HINCRBY', KEYS[7], 'rate_limited_' .. bucket[1], 1)
+        return {'rate_limited', bucket[1], retry}
+      end
+    end
+  end
+end
 if now_ms < tonumber(meta[2]) then
   return {'not_started'}
 end

@@ -81,7 +81,17 @@ def idempotency(activity_id: str, user_id: str, key: str) -> str:
     return f"{_tag(activity_id)}:idem:{len(user_id)}:{user_id}:{key}"
 
 
-def reserve_keys(activity_id: str, user_id: str, key: str) -> list[str]:
+def user_bucket(activity_id: str, user_id: str) -> str:
+    """Hash: the (activity, user) rate-limit token bucket."""
+    return f"{_tag(activity_id)}:rl:u:{user_id}"
+
+
+def ip_bucket(activity_id: str, ip: str) -> str:
+    """Hash: the (activity, client IP) rate-limit token bucket."""
+    return f"{_tag(activity_id)}:rl:ip:{ip}"
+
+
+def reserve_keys(activity_id: str, user_id: str, key: str, ip: str = "") -> list[str]:
     """KEYS of reserve_stock.lua, in its order."""
     return [
         meta(activity_id),
@@ -92,6 +102,8 @@ def reserve_keys(activity_id: str, user_id: str, key: str) -> list[str]:
         stream(activity_id),
         counters(activity_id),
         idempotency(activity_id, user_id, key),
+        user_bucket(activity_id, user_id),
+        ip_bucket(activity_id, ip or "-"),
     ]
 
 

@@ -32,3 +32,8 @@ def config_path() -> Path:
 def openapi_path() -> Path:
     """The OpenAPI description served at /openapi.json."""
     return _first(_CHECKOUT / "docs" / "openapi.yaml", _PACKAGE / "_config" / "openapi.yaml")
+
+
+def limits_path() -> Path:
+    """The default rate-limit rules, config/limits.toml."""
+    return _first(_CHECKOUT / "config" / "limits.toml", _PACKAGE / "_config" / "limits.toml")

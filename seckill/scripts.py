@@ -18,7 +18,7 @@ from seckill.errors import RedisUnavailable
 
 log = logging.getLogger(__name__)
 
-Arg = str | int | bytes
+Arg = str | int | float | bytes
 
 # Failures that mean "Redis did not answer": the caller fails closed (503), and a retried
 # request is safe because every script is idempotent under its Idempotency-Key.
@@ -41,7 +41,7 @@ class Script:
 
     @classmethod
     def from_file(cls, path: Path) -> Script:
-        source = path.read_text(encoding="utf-8")
+        source = _inline(path)
         return cls(path.stem, source, hashlib.sha1(source.encode()).hexdigest())
 
     async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[Arg]) -> Any:
@@ -65,6 +65,7 @@ class Scripts:
     release_stock: Script
     confirm_payment: Script
     set_flag: Script
+    take_token: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:
@@ -90,6 +91,22 @@ class Scripts:
         """True when Redis holds every script (readiness)."""
         flags = await client.script_exists(*(s.sha for s in self.all()))
         return all(flags)
+
+
+def _inline(path: Path) -> str:
+    """The script's text with each ``--! include NAME`` replaced by NAME's library part.
+
+    Redis scripts cannot load other files; a shared function (the token bucket) is written
+    once in its own file, above a ``--! standalone`` marker, and inlined where it is used.
+    """
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("--! include "):
+            library = (path.parent / line.removeprefix("--! include ").strip()).read_text()
+            lines.append(library.split("--! standalone", 1)[0])
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 _Call = tuple[Script, Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]

@@ -94,6 +94,12 @@ class ProtectionSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    rules_path: str
+    gateway_processes: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     redis: RedisSettings
@@ -105,6 +111,7 @@ class Settings:
     writer: WriterSettings
     sweeper: SweeperSettings
     protection: ProtectionSettings
+    limits: LimitsSettings
 
     @property
     def database_url(self) -> str:
@@ -227,6 +234,11 @@ def _check(settings: Settings) -> None:
     )
     need(1 <= s.sweeper.batch_size <= 10_000, "sweeper.batch_size", "must be 1..10000")
     need(s.protection.max_in_flight >= 1, "protection.max_in_flight", "must be >= 1")
+    need(
+        1 <= s.limits.gateway_processes <= 100_000,
+        "limits.gateway_processes",
+        "must be 1..100000",
+    )
     need(s.protection.redis_fail_max >= 1, "protection.redis_fail_max", "must be >= 1")
     need(
         s.protection.redis_reset_timeout_s > 0,

@@ -36,6 +36,20 @@ _OUTCOMES = {o.value.encode(): o for o in Outcome}
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-user and per-IP token buckets of one activity (rate 0: no such limit)."""
+
+    user_rate: float = 0.0
+    user_burst: float = 0.0
+    ip_rate: float = 0.0
+    ip_burst: float = 0.0
+    shadow: bool = False
+
+
+NO_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     outcome: Outcome
     order_id: str = ""
@@ -43,6 +57,7 @@ class Reservation:
     expires_at_ms: int = 0
     stock_left: int | None = None
     gate: str = ""
+    retry_after_ms: int = 0
 
 
 class Release(enum.Enum):
@@ -88,24 +103,40 @@ class Stock:
         self._idempotency_ttl_s = idempotency_ttl_s
 
     async def reserve(
-        self, activity_id: str, user_id: str, idempotency_key: str, quantity: int, gate: str = ""
+        self,
+        activity_id: str,
+        user_id: str,
+        idempotency_key: str,
+        quantity: int,
+        gate: str = "",
+        limits: Limits = NO_LIMITS,
+        ip: str = "",
     ) -> Reservation:
         """Pre-lock ``quantity`` for the user and queue the order, or say why not."""
-        script_keys = keys.reserve_keys(activity_id, user_id, idempotency_key)
+        script_keys = keys.reserve_keys(activity_id, user_id, idempotency_key, ip)
         # a random id colliding with a live order is all but impossible; a fresh one is safe
         for _ in range(3):
-            args: list[str | int] = [
+            args: list[str | int | float] = [
                 user_id,
                 quantity,
                 fingerprint(quantity),
                 keys.new_order_id(activity_id),
                 self._idempotency_ttl_s,
                 gate,
+                limits.user_rate,
+                limits.user_burst,
+                limits.ip_rate if ip else 0,
+                limits.ip_burst,
+                "shadow" if limits.shadow else "enforce",
             ]
             reply = await self._coalescer.call(self._scripts.reserve_stock, script_keys, args)
             code = reply[0]
             if code == b"collision":
                 continue
+            if code == b"rate_limited":
+                # {"rate_limited", scope, ms} from a Redis bucket; {"rate_limited"} as a gate
+                retry_ms = int(reply[2]) if len(reply) > 2 else 0
+                return Reservation(Outcome.GATED, gate="rate_limited", retry_after_ms=retry_ms)
             outcome = _OUTCOMES.get(code)
             if outcome is None:
                 return Reservation(Outcome.GATED, gate=code.decode())

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import yaml
 from aiohttp import web
@@ -17,6 +18,7 @@ from seckill.breakers import STATES, AsyncBreaker
 from seckill.catalog import Catalog
 from seckill.errors import RedisUnavailable
 from seckill.events import Events
+from seckill.limits import Rules
 from seckill.metrics import Metrics
 from seckill.orders.store import StoreUnavailable, open_store
 from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
@@ -67,7 +69,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     """Events listener, catalog refresh, flag resync: closed and awaited (bounded) at exit."""
     services = app[SERVICES]
-    loops = (services.events, services.catalog, services.switches)
+    loops = (services.events, services.catalog, services.switches, services.limits)
     tasks = [asyncio.create_task(loop.run()) for loop in loops]
     yield
     for loop in loops:
@@ -148,8 +150,27 @@ def create_app(settings: Settings) -> web.Application:
             if isinstance(value, bool | int | float)
         },
     )
+    limits = Rules(
+        Path(settings.limits.rules_path) if settings.limits.rules_path else resources.limits_path(),
+        gateway_processes=settings.limits.gateway_processes,
+    )
+    metrics.readings.add(
+        "seckill_limits_reload_errors_total",
+        "Rate-limit rule files refused (the previous rules stayed in force)",
+        "counter",
+        [],
+        lambda: {(): float(limits.reload_errors)},
+    )
+    metrics.readings.add(
+        "seckill_rate_limited_total",
+        "Requests refused (or, in shadow mode, that would have been) by a rate limit",
+        "counter",
+        ["activity", "scope", "mode"],
+        lambda: {(a, s, m): float(n) for (a, s, m), n in limits.refused.items()},
+    )
     services = Services(
         settings=settings,
+        limits=limits,
         redis_breaker=redis_breaker,
         switches=switches,
         events=events,

@@ -24,6 +24,7 @@ from seckill.errors import (
     SeckillError,
     SoldOut,
 )
+from seckill.limits import retry_after_s
 from seckill.orders.record import OrderRecord
 from seckill.orders.store import StoreUnavailable
 from seckill.stock import Outcome, Payment, Release
@@ -96,6 +97,15 @@ def _order_accepted(
     return response
 
 
+def _rate_limited(wait_s: float, burst: float) -> web.Response:
+    seconds = retry_after_s(wait_s)
+    response = refusal(RateLimited(retry_after=seconds))
+    response.headers["RateLimit-Limit"] = str(max(int(burst), 1))
+    response.headers["RateLimit-Remaining"] = "0"
+    response.headers["RateLimit-Reset"] = str(seconds)
+    return response
+
+
 @routes.post("/api/v1/activities/{activity_id}/orders", name="order_create")
 async def create_order(request: web.Request) -> web.Response:
     """Reserve stock for the caller: checks in the contract's order, then one atomic script."""
@@ -113,17 +123,35 @@ async def create_order(request: web.Request) -> web.Response:
     if quantity > activity.per_user_limit:
         raise InvalidRequest(f"quantity must be at most {activity.per_user_limit}")
 
-    gate = services.switches.gate(activity_id)
+    switches = services.switches
+    gate = switches.gate(activity_id)
+    rule = services.limits.for_activity(activity_id)
+    wait = 0.0
+    if not gate:
+        # the local admission bucket: no network round trip
+        wait = services.limits.admit(activity_id, rule, switches.value("admission.factor"))
+        if wait:
+            gate = "rate_limited"
     if entry.sold_out_for(user_id):
         # the storm's common case: no Redis round trip for a user who holds nothing here;
         # the answer is still the first that applies of switches, window, stock
+        if gate == "rate_limited":
+            return _rate_limited(wait, rule.admission_burst)
         if gate:
             return refusal(_GATES[gate])
         return refusal(_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT)
 
     try:
         reservation = await services.redis_breaker.call(
-            lambda: services.stock.reserve(activity_id, user_id, idempotency_key, quantity, gate)
+            lambda: services.stock.reserve(
+                activity_id,
+                user_id,
+                idempotency_key,
+                quantity,
+                gate,
+                rule.redis_limits(),
+                request.remote or "",
+            )
         )
     except BreakerOpen:
         # fail closed: never sell without Redis; retry once the breaker has probed again
@@ -141,6 +169,12 @@ async def create_order(request: web.Request) -> web.Response:
         )
     if outcome is Outcome.SOLD_OUT:
         services.catalog.note_sold_out(activity_id)
+    if reservation.gate == "rate_limited":
+        if reservation.retry_after_ms:  # a Redis bucket (user or ip) refused it
+            scope_burst = rule.user_burst if rule.user_rate_per_s else rule.ip_burst
+            services.limits.count(activity_id, "user-or-ip", False)
+            return _rate_limited(reservation.retry_after_ms / 1000, scope_burst)
+        return _rate_limited(wait, rule.admission_burst)
     error = _REFUSALS.get(outcome) or _GATES.get(reservation.gate)
     if error is None:
         raise Overloaded(f"refused: {reservation.gate}")

@@ -12,6 +12,7 @@ from seckill.auth import AdminAuth, PaymentSignature, UserAuth
 from seckill.breakers import AsyncBreaker
 from seckill.catalog import Catalog
 from seckill.events import Events
+from seckill.limits import Rules
 from seckill.metrics import Metrics
 from seckill.orders.store import OrderStore
 from seckill.scripts import Scripts
@@ -30,6 +31,7 @@ class Services:
     switches: Switches
     events: Events
     redis_breaker: AsyncBreaker
+    limits: Rules
     users: UserAuth
     admin: AdminAuth
     payments: PaymentSignature

@@ -1,0 +1,161 @@
+"""Rate-limit rules: hot-reloaded from config/limits.toml, a bad reload never fatal.
+
+Two tiers, as process settings and rules are kept apart: settings are read once at start;
+rules change during a sale. Each process polls the file's modification time; a file that does
+not parse or validate is counted and logged, and the rules in force stay as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from seckill.stock import Limits
+from seckill.throttle import LocalBucket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    admission_rate_per_s: float = 0.0
+    admission_burst: float = 0.0
+    user_rate_per_s: float = 0.0
+    user_burst: float = 0.0
+    ip_rate_per_s: float = 0.0
+    ip_burst: float = 0.0
+    shadow: bool = False
+
+    def redis_limits(self) -> Limits:
+        """The per-user and per-IP buckets the reserve script takes tokens from."""
+        return Limits(
+            user_rate=self.user_rate_per_s,
+            user_burst=max(self.user_burst, 1.0) if self.user_rate_per_s else 0.0,
+            ip_rate=self.ip_rate_per_s,
+            ip_burst=max(self.ip_burst, 1.0) if self.ip_rate_per_s else 0.0,
+            shadow=self.shadow,
+        )
+
+
+_FIELDS = {f.name: f.type for f in dataclasses.fields(Rule)}
+
+
+def _rule(table: dict[str, Any], base: Rule, where: str) -> Rule:
+    values: dict[str, Any] = {}
+    for name, value in table.items():
+        if name not in _FIELDS:
+            raise ValueError(f"{where}: unknown key {name!r}")
+        if name == "shadow":
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}.shadow must be true or false")
+        elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"{where}.{name} must be a number >= 0")
+        values[name] = value if name == "shadow" else float(value)
+    return dataclasses.replace(base, **values)
+
+
+def parse(text: str) -> tuple[Rule, dict[str, Rule]]:
+    """The default rule and the per-activity ones; ValueError naming what is wrong."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"not TOML: {exc}") from exc
+    unknown = set(data) - {"default", "activity"}
+    if unknown:
+        raise ValueError(f"unknown table [{sorted(unknown)[0]}]")
+    default = _rule(data.get("default", {}), Rule(), "default")
+    per_activity = {
+        activity_id: _rule(table, default, f"activity.{activity_id}")
+        for activity_id, table in data.get("activity", {}).items()
+    }
+    return default, per_activity
+
+
+class Rules:
+    def __init__(self, path: Path, *, gateway_processes: int = 1) -> None:
+        self.path = path
+        self.gateway_processes = gateway_processes
+        self.default = Rule()
+        self.per_activity: dict[str, Rule] = {}
+        self.reloads = 0
+        self.reload_errors = 0
+        # (activity, scope, mode) -> refusals; scope: admission, user, ip
+        self.refused: dict[tuple[str, str, str], int] = {}
+        self._mtime: float | None = None
+        self._buckets: dict[str, tuple[Rule, float, LocalBucket]] = {}
+        self._closed = False
+        self.maybe_reload()
+
+    def for_activity(self, activity_id: str) -> Rule:
+        return self.per_activity.get(activity_id, self.default)
+
+    def maybe_reload(self) -> bool:
+        """Re-read the file if it changed; on a bad file keep the rules in force."""
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except OSError as exc:
+            if self._mtime is not None:
+                self.reload_errors += 1
+                log.error(
+                    "limits file %s unreadable (%s); keeping the rules in force", self.path, exc
+                )
+                self._mtime = None
+            return False
+        if mtime == self._mtime:
+            return False
+        self._mtime = mtime
+        try:
+            self.default, self.per_activity = parse(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            self.reload_errors += 1
+            log.error("limits file %s refused (%s); keeping the rules in force", self.path, exc)
+            return False
+        self.reloads += 1
+        log.info("rate-limit rules loaded from %s", self.path)
+        return True
+
+    def admit(self, activity_id: str, rule: Rule, factor: float) -> float:
+        """The local admission bucket: 0 when admitted, else seconds until a token is back.
+
+        In shadow mode a refusal is counted and 0 returned.
+        """
+        if rule.admission_rate_per_s <= 0:
+            return 0.0
+        held = self._buckets.get(activity_id)
+        if held is None or held[0] != rule or held[1] != factor:
+            rate = rule.admission_rate_per_s * factor / self.gateway_processes
+            burst = max(rule.admission_burst * factor / self.gateway_processes, 1.0)
+            held = (rule, factor, LocalBucket(rate, burst))
+            self._buckets[activity_id] = held
+        wait = held[2].try_take(1.0)
+        if wait > 0:
+            self.count(activity_id, "admission", rule.shadow)
+            if rule.shadow:
+                return 0.0
+        return wait
+
+    def count(self, activity_id: str, scope: str, shadow: bool) -> None:
+        """One refusal (or, in shadow mode, one that would have been)."""
+        key = (activity_id, scope, "shadow" if shadow else "enforced")
+        self.refused[key] = self.refused.get(key, 0) + 1
+
+    def close(self) -> None:
+        self._closed = True
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        """Poll the file for changes until closed."""
+        while not self._closed:
+            await asyncio.sleep(interval_s)
+            self.maybe_reload()
+
+
+def retry_after_s(wait_s: float) -> int:
+    """Retry-After in whole seconds, at least 1."""
+    return max(1, math.ceil(wait_s))
