@@ -100,6 +100,15 @@ class LimitsSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class UpstreamsSettings:
+    reviews_url: str
+    recommendations_url: str
+    timeout_s: float
+    fail_max: int
+    reset_timeout_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     redis: RedisSettings
@@ -112,6 +121,7 @@ class Settings:
     sweeper: SweeperSettings
     protection: ProtectionSettings
     limits: LimitsSettings
+    upstreams: UpstreamsSettings
 
     @property
     def database_url(self) -> str:
@@ -234,6 +244,18 @@ def _check(settings: Settings) -> None:
     )
     need(1 <= s.sweeper.batch_size <= 10_000, "sweeper.batch_size", "must be 1..10000")
     need(s.protection.max_in_flight >= 1, "protection.max_in_flight", "must be >= 1")
+    for key, url in (
+        ("upstreams.reviews_url", s.upstreams.reviews_url),
+        ("upstreams.recommendations_url", s.upstreams.recommendations_url),
+    ):
+        need(
+            not url or (urlparse(url).scheme in {"http", "https"} and "{activity_id}" in url),
+            key,
+            "must be an http(s) URL template containing {activity_id}, or empty",
+        )
+    need(s.upstreams.timeout_s > 0, "upstreams.timeout_s", "must be > 0")
+    need(s.upstreams.fail_max >= 1, "upstreams.fail_max", "must be >= 1")
+    need(s.upstreams.reset_timeout_s > 0, "upstreams.reset_timeout_s", "must be > 0")
     need(
         1 <= s.limits.gateway_processes <= 100_000,
         "limits.gateway_processes",

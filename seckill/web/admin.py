@@ -58,7 +58,7 @@ async def list_flags(request: web.Request) -> web.Response:
     return web.json_response({"flags": services.switches.all()})
 
 
-@routes.put("/admin/v1/flags/{name}", name="admin_flag_put")
+@routes.put(r"/admin/v1/flags/{name:(?!audit$)[^/]+}", name="admin_flag_put")
 async def put_flag(request: web.Request) -> web.Response:
     """Flip a flag, optionally for ttl_s seconds; audited, in effect everywhere within 1 s."""
     services = request.app[SERVICES]
@@ -86,6 +86,9 @@ async def flags_audit(request: web.Request) -> web.Response:
     """The most recent flag changes, newest first (?limit=, at most 1000)."""
     services = request.app[SERVICES]
     services.admin.check(request.headers.get("Authorization"))
+    unknown = sorted(set(request.query) - {"limit"})
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter: {unknown[0]!r}")
     try:
         limit = int(request.query.get("limit", "100"))
     except ValueError:

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import yaml
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -25,6 +26,7 @@ from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
 from seckill.switches import Switches
+from seckill.upstreams import Upstream
 from seckill.web import admin, ops, public
 from seckill.web.middlewares import errors
 from seckill.web.state import SERVICES, Services
@@ -64,6 +66,13 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("order store unavailable at start (%s); reports answer 503 until it is", exc)
     yield
     await app[SERVICES].store.close()
+
+
+async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    services.http = aiohttp.ClientSession()
+    yield
+    await services.http.close()
 
 
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -125,19 +134,34 @@ def create_app(settings: Settings) -> web.Application:
         reset_timeout_s=settings.protection.redis_reset_timeout_s,
         failures=(RedisUnavailable,),
     )
+    u = settings.upstreams
+    upstreams = {
+        name: Upstream(
+            name, url, timeout_s=u.timeout_s, fail_max=u.fail_max, reset_timeout_s=u.reset_timeout_s
+        )
+        for name, url in (("reviews", u.reviews_url), ("recommendations", u.recommendations_url))
+    }
+    breakers = [redis_breaker, *(upstream.breaker for upstream in upstreams.values())]
     metrics.readings.add(
         "seckill_breaker_state",
         "Circuit breaker state: 0 closed, 1 half-open, 2 open",
         "gauge",
         ["breaker"],
-        lambda: {(redis_breaker.name,): STATES[redis_breaker.state]},
+        lambda: {(b.name,): STATES[b.state] for b in breakers},
     )
     metrics.readings.add(
         "seckill_breaker_transitions_total",
         "Circuit breaker state changes",
         "counter",
         ["breaker"],
-        lambda: {(redis_breaker.name,): float(redis_breaker.transitions)},
+        lambda: {(b.name,): float(b.transitions) for b in breakers},
+    )
+    metrics.readings.add(
+        "seckill_upstream_fallbacks_total",
+        "Non-core reads answered with the fallback (degraded: true)",
+        "counter",
+        ["upstream"],
+        lambda: {(name,): float(up.fallbacks) for name, up in upstreams.items()},
     )
     metrics.readings.add(
         "seckill_flag_value",
@@ -170,6 +194,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     services = Services(
         settings=settings,
+        upstreams=upstreams,
         limits=limits,
         redis_breaker=redis_breaker,
         switches=switches,
@@ -203,6 +228,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_http_ctx)
     app.cleanup_ctx.append(_background_ctx)
     app.add_routes(public.routes)
     app.add_routes(admin.routes)

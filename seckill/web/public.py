@@ -271,3 +271,25 @@ async def payment_notify(request: web.Request) -> web.Response:
     if outcome is Payment.AMOUNT_MISMATCH:
         raise InvalidRequest("amount_cents does not match the order's price times quantity")
     return web.json_response({"result": outcome.value})
+
+
+async def _non_core(request: web.Request, name: str) -> web.Response:
+    services = request.app[SERVICES]
+    activity_id = request.match_info["activity_id"]
+    await _entry(services, activity_id)
+    assert services.http is not None
+    enabled = services.switches.value(f"{name}.enabled") is not False
+    body = await services.upstreams[name].fetch(services.http, activity_id, enabled)
+    return web.json_response(body)
+
+
+@routes.get("/api/v1/activities/{activity_id}/reviews", name="reviews")
+async def reviews(request: web.Request) -> web.Response:
+    """Reviews from the configured upstream; a degraded fallback when it cannot answer."""
+    return await _non_core(request, "reviews")
+
+
+@routes.get("/api/v1/activities/{activity_id}/recommendations", name="recommendations")
+async def recommendations(request: web.Request) -> web.Response:
+    """Recommendations from the configured upstream; a degraded fallback when it cannot."""
+    return await _non_core(request, "recommendations")

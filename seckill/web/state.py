@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -19,6 +20,7 @@ from seckill.scripts import Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
 from seckill.switches import Switches
+from seckill.upstreams import Upstream
 
 
 @dataclass(slots=True)
@@ -32,6 +34,7 @@ class Services:
     events: Events
     redis_breaker: AsyncBreaker
     limits: Rules
+    upstreams: dict[str, Upstream]
     users: UserAuth
     admin: AdminAuth
     payments: PaymentSignature
@@ -43,6 +46,7 @@ class Services:
     # set on SIGTERM: answers carry "Connection: close" while in-flight requests finish
     draining: bool = False
     shed: int = 0
+    http: aiohttp.ClientSession | None = None
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
