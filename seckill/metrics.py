@@ -7,12 +7,18 @@ a bare handler's budget; a dict increment costs almost nothing.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 
@@ -33,23 +39,63 @@ class RequestCounts(Collector):
         yield family
 
 
+class Latencies(Collector):
+    """seckill_request_duration_seconds{endpoint}: bucket counts bumped in place per request."""
+
+    BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
+    def observe(self, endpoint: str, seconds: float) -> None:
+        counts = self.counts.get(endpoint)
+        if counts is None:
+            counts = self.counts[endpoint] = [0] * (len(self.BOUNDS) + 1)
+            self.sums[endpoint] = 0.0
+        counts[bisect_left(self.BOUNDS, seconds)] += 1
+        self.sums[endpoint] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "seckill_request_duration_seconds",
+            "Time from the handler's start to its answer, by endpoint",
+            labels=["endpoint"],
+        )
+        for endpoint, counts in sorted(self.counts.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*self.BOUNDS, float("inf")), counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+            family.add_metric([endpoint], buckets, self.sums[endpoint])
+        yield family
+
+
 Reading = Callable[[], dict[tuple[str, ...], float]]
+
+_BREAKER_STATES = {"closed": 0.0, "half-open": 1.0, "open": 2.0}
 
 
 class Readings(Collector):
     """Counters and gauges read at scrape time from live state (stock left, writer counts)."""
 
     def __init__(self) -> None:
-        self._sources: dict[str, tuple[str, str, list[str], Reading]] = {}
+        self._sources: dict[str, tuple[str, str, list[str], list[Reading]]] = {}
 
     def add(
         self, name: str, documentation: str, kind: str, labels: list[str], read: Reading
     ) -> None:
-        """Export ``read()`` as a ``kind`` ("counter" or "gauge") named ``name``."""
-        self._sources[name] = (kind, documentation, labels, read)
+        """Export ``read()`` as a ``kind`` ("counter" or "gauge") named ``name``.
+
+        Several sources may feed one name (the gateway's and the writer's breakers in `up`).
+        """
+        if name in self._sources:
+            self._sources[name][3].append(read)
+        else:
+            self._sources[name] = (kind, documentation, labels, [read])
 
     def collect(self) -> Iterator[Metric]:
-        for name, (kind, documentation, labels, read) in self._sources.items():
+        for name, (kind, documentation, labels, reads) in self._sources.items():
             family: Metric
             if kind == "counter":
                 family = CounterMetricFamily(
@@ -57,8 +103,9 @@ class Readings(Collector):
                 )
             else:
                 family = GaugeMetricFamily(name, documentation, labels=labels)
-            for values, value in read().items():
-                family.add_metric(list(values), value)
+            for read in reads:
+                for values, value in read().items():
+                    family.add_metric(list(values), value)
             yield family
 
 
@@ -69,6 +116,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = RequestCounts()
         self.readings = Readings()
+        self.latencies = Latencies()
+        self.registry.register(self.latencies)
         self.registry.register(self.requests)
         self.registry.register(self.readings)
 
@@ -93,6 +142,27 @@ class Metrics:
             self.readings.add(
                 f"seckill_writer_{field}_total", doc, "counter", [], count(writer.stats, field)
             )
+        self.readings.add(
+            "seckill_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            "gauge",
+            ["breaker"],
+            lambda: {(writer.breaker.name,): _BREAKER_STATES[writer.breaker.state]},
+        )
+        self.readings.add(
+            "seckill_stream_backlog",
+            "Accepted orders not yet persisted (pending + undelivered), by activity",
+            "gauge",
+            ["activity"],
+            lambda: {(a,): float(total) for a, (total, _) in writer.backlog.items()},
+        )
+        self.readings.add(
+            "seckill_writer_lag_seconds",
+            "Age of the oldest accepted order not yet persisted, by activity",
+            "gauge",
+            ["activity"],
+            lambda: {(a,): lag for a, (_, lag) in writer.backlog.items()},
+        )
         self.readings.add(
             "seckill_sweeper_expired_total",
             "Reservations expired by the sweeper",

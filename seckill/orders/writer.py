@@ -24,6 +24,7 @@ import msgpack
 from redis.asyncio import Redis
 
 from seckill import keys
+from seckill.breakers import AsyncBreaker, BreakerOpen
 from seckill.orders.record import OrderRecord
 from seckill.orders.store import (
     Batch,
@@ -33,7 +34,7 @@ from seckill.orders.store import (
     Transition,
     WriteResult,
 )
-from seckill.orders.streams import GROUP, ensure_group, trim_persisted
+from seckill.orders.streams import GROUP, backlog, ensure_group, trim_persisted
 from seckill.scripts import CONNECTION_ERRORS
 from seckill.throttle import LocalBucket
 
@@ -53,6 +54,8 @@ class WriterConfig:
     trim_interval_s: float = 5.0
     discover_interval_s: float = 1.0
     backoff_max_s: float = 5.0
+    store_fail_max: int = 3
+    store_reset_timeout_s: float = 2.0
 
 
 @dataclass(slots=True)
@@ -129,10 +132,19 @@ class Writer:
         self.config = config or WriterConfig()
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.stats = WriterStats()
+        # open after a few outages in a row: the database is then left alone for a while
+        self.breaker = AsyncBreaker(
+            "store",
+            fail_max=self.config.store_fail_max,
+            reset_timeout_s=self.config.store_reset_timeout_s,
+            failures=(StoreUnavailable,),
+        )
         # a tenth of a second of burst: a restarted writer must not start with a free second
         rate = self.config.max_rows_per_s
         self._bucket = LocalBucket(rate, max(rate / 10, 1.0))
         self._streams: list[str] = []
+        # activity -> (orders not yet persisted, age in seconds of the oldest of them)
+        self.backlog: dict[str, tuple[int, float]] = {}
         self._known: set[str] = set()
 
     # -- the loop -------------------------------------------------------------------------
@@ -147,6 +159,7 @@ class Writer:
                 now = time.monotonic()
                 if now >= next_discover:
                     await self._discover()
+                    await self._sample_backlog()
                     next_discover = now + self.config.discover_interval_s
                 if first or now >= next_recover:
                     # on start: our own pending entries first, whatever their age
@@ -353,12 +366,12 @@ class Writer:
         delay = 0.05
         while True:
             try:
-                return await self.store.write(_batch(items))
-            except StoreUnavailable as exc:
+                return await self.breaker.call(lambda: self.store.write(_batch(items)))
+            except (StoreUnavailable, BreakerOpen) as exc:
                 self.stats.store_failures += 1
                 if stop.is_set():
-                    raise
-                log.warning("order store unavailable (%s); retrying in %.2fs", exc, delay)
+                    raise StoreUnavailable(str(exc)) from exc
+                log.warning("order store unavailable (%r); retrying in %.2fs", exc, delay)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, self.config.backoff_max_s)
@@ -380,6 +393,28 @@ class Writer:
             by_stream[stream].append(entry_id)
         for stream, ids in by_stream.items():
             await self.client.xack(stream, GROUP, *ids)
+
+    async def _sample_backlog(self) -> None:
+        """Backlog and lag of every orders stream, for the metrics."""
+        now_ms = time.time() * 1000
+        for stream in self._streams:
+            if not stream.endswith(":stream"):
+                continue
+            activity_id = stream.split("{a:", 1)[1].split("}", 1)[0]
+            waiting = await backlog(self.client, stream)
+            oldest: Any = None
+            if waiting.pending:
+                summary: Any = await self.client.xpending(stream, GROUP)
+                oldest = summary["min"]
+            elif waiting.undelivered:
+                groups: Any = await self.client.xinfo_groups(stream)
+                last = next(
+                    (_id(g["last-delivered-id"]) for g in groups if _id(g["name"]) == GROUP), "0-0"
+                )
+                following: Any = await self.client.xrange(stream, min=f"({last}", max="+", count=1)
+                oldest = following[0][0] if following else None
+            lag = max(0.0, (now_ms - int(_id(oldest).split("-")[0])) / 1000) if oldest else 0.0
+            self.backlog[activity_id] = (waiting.total, lag)
 
     async def _trim(self) -> None:
         for stream in self._streams:

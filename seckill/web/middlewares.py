@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -71,10 +72,14 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         services.metrics.count(request.match_info.route.name or "unmatched", "shed")
         return refusal(_SHED)
     services.in_flight += 1
+    started = time.perf_counter()
     try:
         response = await _answer(request, handler, services.metrics)
     finally:
         services.in_flight -= 1
+        services.metrics.latencies.observe(
+            request.match_info.route.name or "unmatched", time.perf_counter() - started
+        )
     if services.draining:
         response.force_close()
     return response

@@ -205,6 +205,7 @@ async def test_postgres_refusing_connections_loses_nothing(
             await proxy.cut()
             await _buy(stock, "outage", 300, 300)
             await _wait(lambda: _failing(writer), 20, "the writer to notice the outage")
+            await _wait(lambda: _breaker_open(writer), 20, "the store breaker to open")
             await asyncio.sleep(0.5)
             assert await direct.count("outage") == 300, "nothing written while it is away"
             assert (await backlog(redis, keys.stream("outage"))).total == 300, "nothing lost"
@@ -212,10 +213,15 @@ async def test_postgres_refusing_connections_loses_nothing(
             await proxy.start()
             await _wait(lambda: _settled(redis, "outage"), 30, "the writer to catch up")
             assert await direct.count("outage") == 600
+            assert writer.breaker.state == "closed", "it closed again once the database answered"
     finally:
         await proxied.close()
         await direct.close()
         await proxy.cut()
+
+
+async def _breaker_open(writer: Writer) -> bool:
+    return writer.breaker.state == "open"
 
 
 async def _failing(writer: Writer) -> bool:
