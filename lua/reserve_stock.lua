@@ -10,6 +10,7 @@
 -- KEYS[8] idem       string  msgpack {fingerprint, order_id, quantity, expires_at_ms}
 -- KEYS[9] user bucket  hash  token bucket of (activity, user)
 -- KEYS[10] ip bucket   hash  token bucket of (activity, client IP)
+-- KEYS[11] admission bucket  hash  the activity's cluster-wide admission token bucket
 -- ARGV[1] user id
 -- ARGV[2] quantity (integer >= 1)
 -- ARGV[3] request fingerprint (same body <=> same fingerprint)
@@ -20,11 +21,12 @@
 -- ARGV[7] user rate/s  ARGV[8] user burst  ARGV[9] ip rate/s  ARGV[10] ip burst
 --         (rate 0: no such limit)
 -- ARGV[11] limits mode: "enforce", or "shadow" (evaluated and counted, never refused)
+-- ARGV[12] admission rate/s  ARGV[13] admission burst (exact across every gateway)
 --
 -- Returns one of
 --   {"ok", order_id, quantity, expires_at_ms, stock_left}
 --   {"replay", order_id, quantity, expires_at_ms}
---   {"rate_limited", scope, retry_after_ms}    scope: user or ip
+--   {"rate_limited", scope, retry_after_ms}    scope: user, ip or admission
 --   {code}  with code in not_found, reused, <gate>, not_started, ended, limit_reached,
 --           sold_out, collision
 --
@@ -67,6 +69,7 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local buckets = {
   {'user', KEYS[9], tonumber(ARGV[7]), tonumber(ARGV[8])},
   {'ip', KEYS[10], tonumber(ARGV[9]), tonumber(ARGV[10])},
+  {'admission', KEYS[11], tonumber(ARGV[12]), tonumber(ARGV[13])},
 }
 for _, bucket in ipairs(buckets) do
   if bucket[3] > 0 then

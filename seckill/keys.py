@@ -104,6 +104,7 @@ def reserve_keys(activity_id: str, user_id: str, key: str, ip: str = "") -> list
         idempotency(activity_id, user_id, key),
         user_bucket(activity_id, user_id),
         ip_bucket(activity_id, ip or "-"),
+        f"{_tag(activity_id)}:rl:admission",
     ]
 
 

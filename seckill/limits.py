@@ -33,13 +33,16 @@ class Rule:
     ip_burst: float = 0.0
     shadow: bool = False
 
-    def redis_limits(self) -> Limits:
-        """The per-user and per-IP buckets the reserve script takes tokens from."""
+    def redis_limits(self, factor: float = 1.0) -> Limits:
+        """The buckets the reserve script takes tokens from (admission scaled by the flag)."""
+        admission = self.admission_rate_per_s * factor
         return Limits(
             user_rate=self.user_rate_per_s,
             user_burst=max(self.user_burst, 1.0) if self.user_rate_per_s else 0.0,
             ip_rate=self.ip_rate_per_s,
             ip_burst=max(self.ip_burst, 1.0) if self.ip_rate_per_s else 0.0,
+            admission_rate=admission,
+            admission_burst=max(self.admission_burst * factor, 1.0) if admission else 0.0,
             shadow=self.shadow,
         )
 

@@ -43,6 +43,8 @@ class Limits:
     user_burst: float = 0.0
     ip_rate: float = 0.0
     ip_burst: float = 0.0
+    admission_rate: float = 0.0
+    admission_burst: float = 0.0
     shadow: bool = False
 
 
@@ -128,6 +130,8 @@ class Stock:
                 limits.ip_rate if ip else 0,
                 limits.ip_burst,
                 "shadow" if limits.shadow else "enforce",
+                limits.admission_rate,
+                limits.admission_burst,
             ]
             reply = await self._coalescer.call(self._scripts.reserve_stock, script_keys, args)
             code = reply[0]

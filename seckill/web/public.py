@@ -127,9 +127,10 @@ async def create_order(request: web.Request) -> web.Response:
     gate = switches.gate(activity_id)
     rule = services.limits.for_activity(activity_id)
     wait = 0.0
+    factor = switches.value("admission.factor")
     if not gate:
-        # the local admission bucket: no network round trip
-        wait = services.limits.admit(activity_id, rule, switches.value("admission.factor"))
+        # the local admission bucket: no network round trip (the exact one is in Redis)
+        wait = services.limits.admit(activity_id, rule, factor)
         if wait:
             gate = "rate_limited"
     if entry.sold_out_for(user_id):
@@ -149,7 +150,7 @@ async def create_order(request: web.Request) -> web.Response:
                 idempotency_key,
                 quantity,
                 gate,
-                rule.redis_limits(),
+                rule.redis_limits(factor),
                 request.remote or "",
             )
         )
@@ -172,7 +173,7 @@ async def create_order(request: web.Request) -> web.Response:
     if reservation.gate == "rate_limited":
         if reservation.retry_after_ms:  # a Redis bucket (user or ip) refused it
             scope_burst = rule.user_burst if rule.user_rate_per_s else rule.ip_burst
-            services.limits.count(activity_id, "user-or-ip", False)
+            services.limits.count(activity_id, "redis", False)
             return _rate_limited(reservation.retry_after_ms / 1000, scope_burst)
         return _rate_limited(wait, rule.admission_burst)
     error = _REFUSALS.get(outcome) or _GATES.get(reservation.gate)

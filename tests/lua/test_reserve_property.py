@@ -108,7 +108,7 @@ def test_script_matches_model(
             order_id,
             86_400,
             gate,
-            *(0, 0, 0, 0, "enforce"),  # no rate limits here: see test_take_token.py
+            *(0, 0, 0, 0, "enforce", 0, 0),  # no rate limits here: see test_rate_limits.py
         )
         got = tuple(x.decode() if isinstance(x, bytes) else x for x in reply)
         expected = model.reserve(user, key, quantity, gate, order_id)

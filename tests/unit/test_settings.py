@@ -63,3 +63,33 @@ def test_unknown_and_missing_keys_in_the_file(tmp_path: Path) -> None:
     bad.write_text(source.replace("port = 8080", "", 1))
     with pytest.raises(SettingsError, match=r"missing setting server\.port"):
         settings_module.load(bad, environ={})
+
+
+def test_the_dashboard_only_uses_metrics_seckill_exports() -> None:
+    """Every metric the Grafana dashboard queries is in a real exposition of seckill's."""
+    import json
+    import re
+
+    from seckill import resources
+    from seckill.orders.sweeper import Sweeper
+    from seckill.orders.writer import Writer
+    from seckill.web.app import create_app
+    from seckill.web.state import SERVICES
+
+    settings = settings_module.load(environ={"SECKILL_REDIS_URL": "redis://127.0.0.1:1/0"})
+    metrics = create_app(settings)[SERVICES].metrics  # nothing connects before startup
+    metrics.add_writer(Writer(None, None), Sweeper(None))  # type: ignore[arg-type]
+    exposition = metrics.render().decode()
+    dashboard = json.loads((resources.config_path().parent / "grafana-dashboard.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"seckill_[a-z_]+", target["expr"])
+    }
+    assert len(used) >= 12
+    for name in used:
+        base = re.sub(r"_(bucket|count|sum)$", "", name)
+        assert f"# HELP {base}" in exposition or f"# HELP {base.removesuffix('_total')}" in (
+            exposition
+        ), f"{name} is not exported"

@@ -183,3 +183,31 @@ async def test_a_bad_reload_is_counted_and_the_old_rules_stay(
     await limited.post(url, json={"quantity": 1}, headers=user_headers(settings, "a", "k1"))
     again = await limited.post(url, json={"quantity": 1}, headers=user_headers(settings, "a", "k2"))
     assert again.status == 429, "the rules in force still apply"
+
+
+async def test_the_redis_admission_bucket_is_exact_across_processes(
+    settings: Settings, rules: Path
+) -> None:
+    """Two gateways that each think they are alone (gateway_processes = 1): their local
+    buckets together admit twice the rate, and the Redis bucket must still hold the total."""
+    settings = settings.replace("limits", rules_path=str(rules), gateway_processes=1)
+    async with (
+        TestClient(TestServer(create_app(settings))) as first,
+        TestClient(TestServer(create_app(settings))) as second,
+    ):
+        activity_id = await _activity(
+            first,
+            settings,
+            rules,
+            "[default]\nuser_rate_per_s = 0\n[activity.ACTIVITY]\n"
+            "admission_rate_per_s = 30\nadmission_burst = 5\n",
+        )
+        second.server.app[SERVICES].limits.maybe_reload()
+        users = [f"u{n}" for n in range(50)]
+        (a, elapsed), (b, _) = await asyncio.gather(
+            _hammer(first, settings, activity_id, 1.5, users),
+            _hammer(second, settings, activity_id, 1.5, users),
+        )
+    admitted = a[202] + b[202]
+    assert admitted <= 30 * elapsed + 5, f"{admitted} admitted in {elapsed:.2f}s by both"
+    assert admitted >= 30 * elapsed * 0.5
