@@ -11,7 +11,10 @@ from pathlib import Path
 import aiohttp
 import yaml
 from aiohttp import web
+from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from seckill import resources
 from seckill.auth import AdminAuth, PaymentSignature, UserAuth
@@ -42,6 +45,11 @@ def redis_client(settings: Settings) -> Redis:
         timeout=settings.redis.socket_timeout_s,
         socket_timeout=settings.redis.socket_timeout_s,
         socket_connect_timeout=settings.redis.connect_timeout_s,
+        # one immediate reconnect on a connection error: after a Redis restart every pooled
+        # connection is stale. Safe because every script is idempotent under its key (a
+        # lost reply becomes a replay). Timeouts are not retried: latency stays bounded.
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis_errors.ConnectionError],
     )
     return Redis(connection_pool=pool)
 
