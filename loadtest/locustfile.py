@@ -1,0 +1,248 @@
+"""A flash sale as the crowd lives it. Run through loadtest/run.py (it sets the environment).
+
+Shoppers open the activity, wait for the start second, buy with an Idempotency-Key (retrying
+with the same key after 429/503, honouring Retry-After), poll their order, then pay (a share
+of the winners, through a correctly signed callback), cancel (a few) or leave it to expire.
+Bots hammer, replay keys and send forged tokens. An optional ops user flips a flag mid-sale.
+
+Scale: users share one HTTP client pool (no socket per user), tokens are minted ahead of time
+(no signing during the run), and a user whose story is over idles in a long sleep (a greenlet
+that costs nothing). Environment (set by run.py):
+  SECKILL_LT_ACTIVITY, SECKILL_LT_START_AT (epoch s), SECKILL_LT_TOKENS (file of user<TAB>jwt),
+  SECKILL_LT_PAYMENT_SECRET, SECKILL_LT_ADMIN_TOKEN, SECKILL_LT_OUT (dir), SECKILL_LT_USERS,
+  SECKILL_LT_SPAWN_RATE, SECKILL_LT_DURATION_S, SECKILL_LT_OPS ("1": the ops user runs),
+  SECKILL_LT_PRICE_CENTS.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import random
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import gevent
+from geventhttpclient.client import HTTPClientPool
+from locust import LoadTestShape, constant, events, task
+from locust.contrib.fasthttp import FastHttpUser
+
+ACTIVITY = os.environ.get("SECKILL_LT_ACTIVITY", "loadtest")
+START_AT = float(os.environ.get("SECKILL_LT_START_AT", "0"))
+PAYMENT_SECRET = os.environ.get("SECKILL_LT_PAYMENT_SECRET", "").encode()
+ADMIN_TOKEN = os.environ.get("SECKILL_LT_ADMIN_TOKEN", "")
+PRICE = int(os.environ.get("SECKILL_LT_PRICE_CENTS", "100"))
+OUT = os.environ.get("SECKILL_LT_OUT", ".")
+ORDER_URL = f"/api/v1/activities/{ACTIVITY}/orders"
+
+TOKENS: list[tuple[str, str]] = []
+if os.environ.get("SECKILL_LT_TOKENS"):
+    with open(os.environ["SECKILL_LT_TOKENS"], encoding="utf-8") as handle:
+        TOKENS = [tuple(line.rstrip("\n").split("\t", 1)) for line in handle]  # type: ignore[misc]
+_next_token = itertools.count()
+
+OUTCOMES: Counter[str] = Counter()
+ACCEPTED: set[str] = set()
+
+
+@events.init.add_listener
+def _offset_tokens(environment: Any, **_: Any) -> None:
+    # distributed mode: each worker takes its own slice of the pre-minted tokens
+    global _next_token
+    index = getattr(environment.runner, "worker_index", 0) or 0
+    _next_token = itertools.count(index * 1_000_000)
+
+
+@atexit.register
+def _write_outcomes() -> None:
+    path = os.path.join(OUT, f"outcomes-{os.getpid()}.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"outcomes": OUTCOMES, "accepted": sorted(ACCEPTED)}, handle)
+
+
+def _identity() -> tuple[str, str]:
+    user, token = TOKENS[next(_next_token) % len(TOKENS)]
+    return user, token
+
+
+def _outcome(response: Any) -> str:
+    if response.status_code == 202:
+        return "accepted"
+    try:
+        return str(json.loads(response.content)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return f"http_{response.status_code}"
+
+
+def _retry_after(response: Any) -> float:
+    try:
+        return float(response.headers.get("Retry-After", "1"))
+    except ValueError:
+        return 1.0
+
+
+def _sign(body: bytes) -> str:
+    t = int(time.time())
+    digest = hmac.new(PAYMENT_SECRET, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={digest}"
+
+
+def _wait_for_start(jitter_s: float) -> None:
+    delay = START_AT - time.time() + random.uniform(0, jitter_s)
+    if delay > 0:
+        gevent.sleep(delay)
+
+
+class Shopper(FastHttpUser):
+    """One shopper: a story told once, then a long idle (cheap: a sleeping greenlet)."""
+
+    weight = 50
+    client_pool = HTTPClientPool(concurrency=64)
+    wait_time = constant(3600)
+
+    def on_start(self) -> None:
+        self.user_id, token = _identity()
+        self.auth = {"Authorization": f"Bearer {token}"}
+
+    @task
+    def story(self) -> None:
+        self.client.get(f"/api/v1/activities/{ACTIVITY}", name="GET activity")
+        _wait_for_start(jitter_s=0.5)  # the whole crowd taps within the start second
+        key = uuid.uuid4().hex
+        order_id = None
+        for _ in range(5):
+            with self.client.post(
+                ORDER_URL,
+                json={"quantity": 1},
+                headers={**self.auth, "Idempotency-Key": key},
+                name="POST order",
+                catch_response=True,
+            ) as response:
+                outcome = _outcome(response)
+                OUTCOMES[outcome] += 1
+                if response.status_code in (202, 409, 429, 503):
+                    response.success()  # business answers, not load-test failures
+                else:
+                    response.failure(f"unexpected {response.status_code}")
+                if response.status_code == 202:
+                    order_id = json.loads(response.content)["order_id"]
+                    ACCEPTED.add(order_id)
+            if response.status_code in (429, 503):
+                gevent.sleep(_retry_after(response))  # honour it, then retry with the same key
+                continue
+            break
+        if order_id is None:
+            return
+        self.client.get(f"/api/v1/orders/{order_id}", headers=self.auth, name="GET order")
+        fate = random.random()
+        if fate < 0.6:
+            body = json.dumps(
+                {
+                    "event_id": uuid.uuid4().hex,
+                    "order_id": order_id,
+                    "amount_cents": PRICE,
+                    "status": "SUCCESS",
+                }
+            ).encode()
+            response = self.client.post(
+                "/api/v1/payments/notify",
+                data=body,
+                name="POST notify",
+                headers={"Seckill-Signature": _sign(body), "Content-Type": "application/json"},
+            )
+            OUTCOMES[f"payment_{_payment_result(response)}"] += 1
+        elif fate < 0.7:
+            self.client.post(
+                f"/api/v1/orders/{order_id}/cancel", headers=self.auth, name="POST cancel"
+            )
+            OUTCOMES["cancelled"] += 1
+        else:
+            OUTCOMES["left_to_expire"] += 1
+
+
+def _payment_result(response: Any) -> str:
+    try:
+        return str(json.loads(response.content)["result"])
+    except (ValueError, KeyError, TypeError):
+        return f"http_{response.status_code}"
+
+
+class Bot(FastHttpUser):
+    """Scalpers' scripts: hammering, replaying keys, forged tokens."""
+
+    weight = 1
+    client_pool = HTTPClientPool(concurrency=16)
+    wait_time = constant(0.05)
+
+    def on_start(self) -> None:
+        self.user_id, token = _identity()
+        self.auth = {"Authorization": f"Bearer {token}"}
+        header, payload, _signature = token.split(".")
+        self.forged = {"Authorization": f"Bearer {header}.{payload}.{'A' * 43}"}
+        self.replayed_key = uuid.uuid4().hex
+        _wait_for_start(jitter_s=0.0)
+
+    @task(3)
+    def hammer(self) -> None:
+        self._post(self.auth, uuid.uuid4().hex, "POST order (bot)")
+
+    @task(2)
+    def replay(self) -> None:
+        self._post(self.auth, self.replayed_key, "POST order (bot replay)")
+
+    @task(1)
+    def forged_token(self) -> None:
+        self._post(self.forged, uuid.uuid4().hex, "POST order (forged)")
+
+    def _post(self, auth: dict[str, str], key: str, name: str) -> None:
+        with self.client.post(
+            ORDER_URL,
+            json={"quantity": 1},
+            headers={**auth, "Idempotency-Key": key},
+            name=name,
+            catch_response=True,
+        ) as response:
+            outcome = _outcome(response)
+            OUTCOMES[f"bot_{outcome}"] += 1
+            if response.status_code == 202:
+                ACCEPTED.add(json.loads(response.content)["order_id"])
+            if response.status_code < 500 or response.status_code == 503:
+                response.success()
+
+
+class Ops(FastHttpUser):
+    """An ops person halving admission for a few seconds mid-sale (SECKILL_LT_OPS=1)."""
+
+    fixed_count = 1 if os.environ.get("SECKILL_LT_OPS") == "1" else 0
+    weight = 0
+    wait_time = constant(3600)
+
+    @task
+    def tighten(self) -> None:
+        _wait_for_start(jitter_s=0.0)
+        gevent.sleep(2)
+        self.client.put(
+            "/admin/v1/flags/admission.factor",
+            json={"value": 0.5, "ttl_s": 5},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            name="PUT flag",
+        )
+
+
+class CrowdAtTheStartSecond(LoadTestShape):
+    """Everyone arrives before the start (at spawn_rate, kept under 2,000/s), then waits for
+    the start second inside their story; the run ends duration_s after the start."""
+
+    def tick(self) -> tuple[int, float] | None:
+        users = int(os.environ.get("SECKILL_LT_USERS", "100"))
+        rate = float(os.environ.get("SECKILL_LT_SPAWN_RATE", "500"))
+        duration = float(os.environ.get("SECKILL_LT_DURATION_S", "30"))
+        if time.time() > START_AT + duration:
+            return None
+        return users, rate

@@ -1,0 +1,232 @@
+"""Rehearse a flash sale and get a verdict, in one command.
+
+    .venv/bin/python loadtest/run.py --users 2000 --spawn-rate 1000 --duration 20 --stock 500
+
+It starts `seckill up` in a temporary directory unless --gateway points at a running one,
+defines a sale starting once the whole crowd has arrived, mints every user's token ahead of
+time, runs locust headless (CSV and HTML report in --out), waits for the order writer to
+persist what was accepted, asks the gateway for the activity report, prints the figures, and
+exits 0 on PASS, 1 on FAIL: PASS only if nothing was oversold, no user exceeded the limit and
+every accepted order is in the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from verdict import judge, read_stats, render  # noqa: E402
+
+from seckill import settings as settings_module  # noqa: E402
+from seckill.auth import UserAuth  # noqa: E402
+from seckill.embedded import free_port  # noqa: E402
+
+
+def _call(method: str, url: str, token: str, body: Any = None) -> Any:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode() if body is not None else None,
+        method=method,
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _start_gateway(work: Path) -> tuple[subprocess.Popen[str], str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "seckill",
+            "--log-level",
+            "WARNING",
+            "up",
+            "--port",
+            str(free_port()),
+        ],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("seckill serving on"):
+        raise SystemExit(f"seckill up did not start: {line!r}")
+    return process, line.split()[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--spawn-rate", type=float, default=1000, help="users/s (<= 2000)")
+    parser.add_argument("--duration", type=float, default=20, help="seconds after the start")
+    parser.add_argument("--stock", type=int, default=200)
+    parser.add_argument("--per-user-limit", type=int, default=1)
+    parser.add_argument("--price-cents", type=int, default=100)
+    parser.add_argument("--payment-timeout", type=int, default=5, help="seconds to pay")
+    parser.add_argument("--gateway", help="URL of a running gateway (default: start seckill up)")
+    parser.add_argument("--out", type=Path, default=HERE / "out")
+    parser.add_argument("--ops", action="store_true", help="an ops user flips a flag mid-sale")
+    parser.add_argument("--drain-timeout", type=float, default=120)
+    parser.add_argument(
+        "--break-invariant", action="store_true", help=argparse.SUPPRESS
+    )  # tests: corrupt the store before judging, so FAIL can be seen to happen
+    args = parser.parse_args(argv)
+
+    settings = settings_module.load()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for stale in glob.glob(str(args.out / "outcomes-*.json")):
+        os.unlink(stale)
+    work = Path(tempfile.mkdtemp(prefix="seckill-loadtest-"))
+    gateway_process = None
+    url = args.gateway
+    if url is None:
+        gateway_process, url = _start_gateway(work)
+    try:
+        admin = settings.admin.token
+        activity_id = f"lt-{int(time.time())}"
+        lead_s = args.users / args.spawn_rate + 3  # the crowd is complete before the start
+        start = datetime.now(tz=UTC) + timedelta(seconds=lead_s)
+        _call(
+            "POST",
+            f"{url}/admin/v1/activities",
+            admin,
+            {
+                "id": activity_id,
+                "sku_id": "sku-lt",
+                "title": "load test",
+                "stock": args.stock,
+                "price_cents": args.price_cents,
+                "per_user_limit": args.per_user_limit,
+                "payment_timeout_s": args.payment_timeout,
+                "starts_at": start.isoformat(),
+                "ends_at": (start + timedelta(seconds=args.duration + 60)).isoformat(),
+            },
+        )
+        tokens = work / "tokens.tsv"
+        auth = UserAuth(settings.jwt.secret)
+        ttl = int(lead_s + args.duration + 3600)
+        with tokens.open("w") as handle:  # minted ahead: no signing during the run
+            for n in range(args.users):
+                handle.write(f"lt{n}\t{auth.mint(f'lt{n}', ttl)}\n")
+        env = {
+            **os.environ,
+            "SECKILL_LT_ACTIVITY": activity_id,
+            "SECKILL_LT_START_AT": str(start.timestamp()),
+            "SECKILL_LT_TOKENS": str(tokens),
+            "SECKILL_LT_PAYMENT_SECRET": settings.payment.secret,
+            "SECKILL_LT_ADMIN_TOKEN": admin,
+            "SECKILL_LT_PRICE_CENTS": str(args.price_cents),
+            "SECKILL_LT_OUT": str(args.out),
+            "SECKILL_LT_USERS": str(args.users),
+            "SECKILL_LT_SPAWN_RATE": str(args.spawn_rate),
+            "SECKILL_LT_DURATION_S": str(args.duration),
+            "SECKILL_LT_OPS": "1" if args.ops else "0",
+        }
+        locust = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                str(HERE / "locustfile.py"),
+                "--headless",
+                "--host",
+                url,
+                "--csv",
+                str(args.out / "seckill"),
+                "--html",
+                str(args.out / "report.html"),
+                "--only-summary",
+                "--loglevel",
+                "WARNING",
+            ],
+            env=env,
+            timeout=lead_s + args.duration + 300,
+            capture_output=True,
+            text=True,
+        )
+        if locust.returncode not in (0, 1):  # 1: some requests failed, judged below
+            print(locust.stderr[-3000:], file=sys.stderr)
+            return 2
+        report = _drained_report(url, admin, activity_id, args)
+        if args.break_invariant:
+            _lose_a_stored_order(work)
+            report = _drained_report(url, admin, activity_id, args)  # the gateway must see it
+        outcomes: dict[str, int] = {}
+        accepted: set[str] = set()
+        for path in glob.glob(str(args.out / "outcomes-*.json")):
+            data = json.loads(Path(path).read_text())
+            for key, value in data["outcomes"].items():
+                outcomes[key] = outcomes.get(key, 0) + value
+            accepted.update(data["accepted"])
+        stats = read_stats(args.out / "seckill_stats.csv")
+        history = read_stats(args.out / "seckill_stats_history.csv")
+        reached = max((int(row["User Count"]) for row in history), default=0)
+        verdict = judge(report, accepted)
+        print(render(verdict, report, stats, outcomes, reached, args.users))
+        (args.out / "verdict.json").write_text(
+            json.dumps(
+                {
+                    "passed": verdict.passed,
+                    "reasons": verdict.reasons,
+                    "report": report,
+                    "outcomes": outcomes,
+                    "users_reached": reached,
+                    "users_wanted": args.users,
+                },
+                indent=2,
+            )
+        )
+        return 0 if verdict.passed else 1
+    finally:
+        if gateway_process is not None:
+            gateway_process.terminate()
+            gateway_process.wait(60)
+
+
+def _drained_report(url: str, admin: str, activity_id: str, args: Any) -> dict[str, Any]:
+    """The report once the writer has persisted everything (or the drain timeout passed)."""
+    deadline = time.monotonic() + args.drain_timeout
+    while True:
+        report: dict[str, Any] = _call(
+            "GET", f"{url}/admin/v1/activities/{activity_id}/report", admin
+        )
+        settled = report["orders_pending_write"] == 0 and report["changes_pending_write"] == 0
+        if settled or time.monotonic() > deadline:
+            return report
+        time.sleep(0.5)
+
+
+def _lose_a_stored_order(work: Path) -> None:
+    """Delete one stored order behind everyone's back (tests: the verdict must say FAIL)."""
+    import sqlite3
+
+    with sqlite3.connect(work / "var" / "orders.db") as db:
+        db.execute("DELETE FROM orders WHERE rowid = (SELECT MIN(rowid) FROM orders)")
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"gateway unreachable: {exc}") from exc
