@@ -56,7 +56,8 @@ def _offset_tokens(environment: Any, **_: Any) -> None:
     # distributed mode: each worker takes its own slice of the pre-minted tokens
     global _next_token
     index = getattr(environment.runner, "worker_index", 0) or 0
-    _next_token = itertools.count(index * 1_000_000)
+    workers = max(int(os.environ.get("SECKILL_LT_WORKERS", "1")), 1)
+    _next_token = itertools.count(index * (len(TOKENS) // workers))
 
 
 @atexit.register

@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway", help="URL of a running gateway (default: start seckill up)")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--ops", action="store_true", help="an ops user flips a flag mid-sale")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="locust workers on this machine (0: one process); see RESULTS.md for machines",
+    )
     parser.add_argument("--drain-timeout", type=float, default=120)
     parser.add_argument(
         "--break-invariant", action="store_true", help=argparse.SUPPRESS
@@ -141,30 +147,40 @@ def main(argv: list[str] | None = None) -> int:
             "SECKILL_LT_SPAWN_RATE": str(args.spawn_rate),
             "SECKILL_LT_DURATION_S": str(args.duration),
             "SECKILL_LT_OPS": "1" if args.ops else "0",
+            "SECKILL_LT_WORKERS": str(max(args.workers, 1)),
         }
+        locustfile = str(HERE / "locustfile.py")
+        master = [sys.executable, "-m", "locust", "-f", locustfile, "--headless", "--host", url,
+                  "--csv", str(args.out / "seckill"), "--html", str(args.out / "report.html"),
+                  "--only-summary", "--loglevel", "WARNING"]  # fmt: skip
+        workers = []
+        if args.workers:
+            master += ["--master", "--expect-workers", str(args.workers)]
+            workers = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "locust",
+                        "-f",
+                        locustfile,
+                        "--worker",
+                        "--master-host",
+                        "127.0.0.1",
+                        "--loglevel",
+                        "WARNING",
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for _ in range(args.workers)
+            ]
         locust = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "locust",
-                "-f",
-                str(HERE / "locustfile.py"),
-                "--headless",
-                "--host",
-                url,
-                "--csv",
-                str(args.out / "seckill"),
-                "--html",
-                str(args.out / "report.html"),
-                "--only-summary",
-                "--loglevel",
-                "WARNING",
-            ],
-            env=env,
-            timeout=lead_s + args.duration + 300,
-            capture_output=True,
-            text=True,
+            master, env=env, timeout=lead_s + args.duration + 300, capture_output=True, text=True
         )
+        for worker in workers:
+            worker.wait(60)
         if locust.returncode not in (0, 1):  # 1: some requests failed, judged below
             print(locust.stderr[-3000:], file=sys.stderr)
             return 2
