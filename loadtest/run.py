@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             "SECKILL_LT_OPS": "1" if args.ops else "0",
             "SECKILL_LT_WORKERS": str(max(args.workers, 1)),
         }
+        # for workers on other machines: `set -a; . loadtest/out/env; set +a`
+        (args.out / "env").write_text(
+            "".join(f"{k}={v}\n" for k, v in sorted(env.items()) if k.startswith("SECKILL_LT_"))
+        )
         locustfile = str(HERE / "locustfile.py")
         master = [sys.executable, "-m", "locust", "-f", locustfile, "--headless", "--host", url,
                   "--csv", str(args.out / "seckill"), "--html", str(args.out / "report.html"),
