@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from seckill import resources  # noqa: E402
 from seckill import settings as settings_module  # noqa: E402
 from seckill.auth import UserAuth  # noqa: E402
 from seckill.embedded import EmbeddedRedis, free_port  # noqa: E402
@@ -191,6 +192,57 @@ def _median(runs: list[Result]) -> Result:
     return middle
 
 
+def _gateway(port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "seckill", "--log-level", "WARNING", "serve", "--port",
+            str(port), *extra]  # fmt: skip
+
+
+def _postgres_database(name: str, create: bool) -> str:
+    import asyncio
+
+    import asyncpg
+
+    admin_url = os.environ.get(
+        "SECKILL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+
+    async def execute() -> None:
+        connection = await asyncpg.connect(admin_url)
+        try:
+            if create:
+                await connection.execute(f'CREATE DATABASE "{name}"')
+            else:
+                await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await connection.close()
+
+    asyncio.run(execute())
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _redis_benchmark(port: int, sha: str, seconds: float) -> dict[str, Any]:
+    """redis-benchmark EVALSHA-ing reserve_stock.lua directly: the Redis ceiling."""
+    from seckill import keys
+
+    activity = "buy"
+    script_keys = keys.reserve_keys(activity, "rb__rand_int__", "k__rand_int__", "-")
+    args = ["rb__rand_int__", "1", "q=1", f"{activity}.__rand_int__", "90000", "",
+            "0", "0", "0", "0", "enforce", "0", "0"]  # fmt: skip
+    requests = max(20_000, int(seconds * 60_000))
+    done = subprocess.run(
+        ["redis-benchmark", "-p", str(port), "-c", "64", "-n", str(requests), "-r", "100000000",
+         "-q", "EVALSHA", sha, str(len(script_keys)), *script_keys, *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    match = re.search(r"([\d.]+) requests per second", done.stdout)
+    p50 = re.search(r"p50=([\d.]+) msec", done.stdout)
+    return {
+        "requests_per_s": float(match.group(1)) if match else 0.0,
+        "p50_ms": float(p50.group(1)) if p50 else 0.0,
+        "requests": requests,
+    }
+
+
 def run(seconds: float, connection_counts: list[int], quick: bool, repeat: int) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("benchmarks need wrk (Debian: apt-get install wrk)")
@@ -201,91 +253,104 @@ def run(seconds: float, connection_counts: list[int], quick: bool, repeat: int) 
     # minted ahead of time: signing is not what is measured
     tokens.write_text("".join(f"Bearer {auth.mint(f'b{i}', 7200)}\n" for i in range(20_000)))
     admin = settings.admin.token
+    limits = work / "limits.toml"
+    # the shipped defaults (5 attempts/s per user) plus an activity held to 1 admission/s
+    limits.write_text(
+        resources.limits_path().read_text()
+        + "\n[activity.limited]\nadmission_rate_per_s = 1\nadmission_burst = 1\n"
+    )
     redis = EmbeddedRedis(work / "redis", appendfsync="everysec")
     redis.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
-    env["SECKILL_REDIS_URL"] = redis.url
-    env["SECKILL_DATABASE_URL"] = f"sqlite:///{work / 'orders.db'}"
+    env.update(
+        SECKILL_REDIS_URL=redis.url,
+        SECKILL_DATABASE_URL=f"sqlite:///{work / 'orders.db'}",
+        SECKILL_LIMITS_RULES_PATH=str(limits),
+    )
+    database = f"seckill_bench_{os.getpid()}"
+    postgres_url = _postgres_database(database, create=True)
+    ports = {name: free_port() for name in ("bare", "one", "two", "shed", "watch", "select")}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    secret = settings.jwt.secret
+    naive = [sys.executable, str(ROOT / "benchmarks" / "naive.py")]
+    stock = 10_000_000
     results: list[Result] = []
+    extras: dict[str, Any] = {}
     try:
-        bare_port, gateway_port = free_port(), free_port()
-        bare = [sys.executable, str(ROOT / "benchmarks" / "bare.py"), str(bare_port)]
-        gateway = [
-            sys.executable,
-            "-m",
-            "seckill",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--port",
-            str(gateway_port),
-            "--workers",
-            "1",
-        ]
-        with process(bare, env, work), process(gateway, env, work):
-            bare_url = f"http://127.0.0.1:{bare_port}"
-            gateway_url = f"http://127.0.0.1:{gateway_port}"
-            _wait_http(f"{bare_url}/")
-            _wait_http(f"{gateway_url}/healthz")
+        with contextlib.ExitStack() as stack:
+            for command, extra_env in (
+                ([sys.executable, str(ROOT / "benchmarks" / "bare.py"), str(ports["bare"])], {}),
+                (_gateway(ports["one"], "--workers", "1"), {}),
+                (_gateway(ports["two"], "--workers", "2"), {}),
+                (_gateway(ports["shed"]), {"SECKILL_PROTECTION_MAX_IN_FLIGHT": "1"}),
+                ([*naive, str(ports["watch"]), "watch", redis.url, str(stock), secret], {}),
+                ([*naive, str(ports["select"]), "select", postgres_url, str(stock), secret], {}),
+            ):
+                stack.enter_context(process(command, {**env, **extra_env}, work))
+            for name in url:
+                _wait_http(f"{url[name]}/healthz" if name in ("one", "two", "shed") else url[name])
             now = datetime.now(tz=UTC)
             window = {
                 "starts_at": (now.replace(year=now.year - 1)).isoformat(),
                 "ends_at": (now.replace(year=now.year + 1)).isoformat(),
             }
-            for activity_id, stock, limit in (("buy", 10_000_000, 1000), ("gone", 0, 1)):
-                _post(
-                    f"{gateway_url}/admin/v1/activities",
-                    {
-                        "id": activity_id,
-                        "sku_id": "sku",
-                        "title": "bench",
-                        "price_cents": 100,
-                        "stock": stock,
-                        "per_user_limit": limit,
-                        "payment_timeout_s": 900,
-                        **window,
-                    },
-                    admin,
-                )
-            # warm the gateway's token cache and the sold-out mark as a live sale would have
-            wrk(
-                "warm-up",
-                gateway_url,
-                "/api/v1/activities/gone/orders",
-                64,
-                2 if quick else 5,
-                tokens,
-            )
+            for activity_id, quantity, limit in (
+                ("buy", stock, 1000),
+                ("gone", 0, 1),
+                ("limited", stock, 1000),
+            ):
+                _post(f"{url['one']}/admin/v1/activities", {
+                    "id": activity_id, "sku_id": "sku", "title": "bench", "price_cents": 100,
+                    "stock": quantity, "per_user_limit": limit, "payment_timeout_s": 900,
+                    **window,
+                }, admin)  # fmt: skip
+            buy, gone = "/api/v1/activities/buy/orders", "/api/v1/activities/gone/orders"
+            limited = "/api/v1/activities/limited/orders"
+            # warm every gateway's token cache and sold-out mark as a live sale would have
+            for name in ("one", "two"):
+                wrk("warm-up", url[name], gone, 64, 2 if quick else 5, tokens)
             scenarios = [
                 (name, base, path, connections)
                 for connections in connection_counts
                 for name, base, path in (
-                    ("bare aiohttp+uvloop handler", bare_url, "/api/v1/activities/buy/orders"),
-                    ("sold-out fast path", gateway_url, "/api/v1/activities/gone/orders"),
-                    ("purchase (reserve_stock.lua)", gateway_url, "/api/v1/activities/buy/orders"),
+                    ("bare aiohttp+uvloop handler", url["bare"], buy),
+                    ("sold-out fast path", url["one"], gone),
+                    ("purchase (reserve_stock.lua)", url["one"], buy),
+                    ("naive WATCH/MULTI in Redis", url["watch"], buy),
+                    ("naive SELECT ... FOR UPDATE in PostgreSQL", url["select"], buy),
                 )
+            ] + [
+                ("rate-limited (429)", url["one"], limited, 64),
+                ("shed (503, max_in_flight 1)", url["shed"], buy, 64),
+                ("sold-out, serve --workers 2", url["two"], gone, 64),
+                ("purchase, serve --workers 2", url["two"], buy, 64),
             ]
             import redis as redis_client
 
             control = redis_client.Redis(port=redis.port)
-            policies = ("always", "everysec")
             samples: dict[tuple[str, int], list[Result]] = {}
             # interleaved rounds: a slow spell of the machine hits every path, not just one
             for _ in range(repeat):
                 for name, base, path, connections in scenarios:
                     result = wrk(name, base, path, connections, seconds, tokens)
                     samples.setdefault((name, connections), []).append(result)
-                for policy in policies:
+                for policy in ("always", "everysec"):
                     # durability: the same purchase path, every write fsynced before the reply
                     control.config_set("appendfsync", policy)
                     name = f"purchase, appendfsync {policy}"
-                    result = wrk(
-                        name, gateway_url, "/api/v1/activities/buy/orders", 64, seconds, tokens
-                    )
+                    result = wrk(name, url["one"], buy, 64, seconds, tokens)
                     samples.setdefault((name, 64), []).append(result)
                 control.config_set("appendfsync", "everysec")
+            sold = control.llen("naive:orders")
+            left = int(control.get("naive:stock") or 0)
+            extras["naive_watch_oversold"] = left + sold != stock
+            from seckill.scripts import Scripts
+
+            extras["redis_benchmark_reserve_stock"] = _redis_benchmark(
+                redis.port, Scripts.from_dir().reserve_stock.sha, seconds
+            )
             control.close()
-            results = []
+            extras["naive_select_oversold"] = _select_oversold(postgres_url, stock)
             for (_name, connections), runs in samples.items():
                 bare_runs = samples[("bare aiohttp+uvloop handler", connections)]
                 # ratio within each round (same machine conditions), then the median of those
@@ -299,6 +364,7 @@ def run(seconds: float, connection_counts: list[int], quick: bool, repeat: int) 
                 results.append(result)
     finally:
         redis.stop()
+        _postgres_database(database, create=False)
         shutil.rmtree(work, ignore_errors=True)
     return {
         "when": datetime.now(tz=UTC).isoformat(timespec="seconds"),
@@ -306,7 +372,60 @@ def run(seconds: float, connection_counts: list[int], quick: bool, repeat: int) 
         "seconds_per_run": seconds,
         "repeats": repeat,
         "results": [asdict(r) for r in results],
+        "extras": extras,
     }
+
+
+def _select_oversold(postgres_url: str, stock: int) -> bool:
+    import asyncio
+
+    import asyncpg
+
+    async def check() -> bool:
+        connection = await asyncpg.connect(postgres_url)
+        try:
+            left = await connection.fetchval("SELECT left_ FROM naive_stock WHERE id = 'a'")
+            sold = await connection.fetchval("SELECT COUNT(*) FROM naive_orders")
+            return bool(left + sold != stock)
+        finally:
+            await connection.close()
+
+    return asyncio.run(check())
+
+
+def targets(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Issue 6's targets, from the figures of this very run."""
+    by = {(r["name"], r["connections"]): r for r in report["results"]}
+    out: list[tuple[str, str, bool]] = []
+
+    def get(name: str, connections: int) -> dict[str, Any] | None:
+        return by.get((name, connections))
+
+    sold_out = get("sold-out fast path", 64)
+    purchase = get("purchase (reserve_stock.lua)", 64)
+    if sold_out:
+        out.append(("sold-out >= 0.8x bare (64 conn)", f"{sold_out['ratio_to_bare']:.2f}x",
+                    sold_out["ratio_to_bare"] >= 0.8))  # fmt: skip
+    if purchase:
+        out.append(("purchase >= 0.5x bare (64 conn)", f"{purchase['ratio_to_bare']:.2f}x",
+                    purchase["ratio_to_bare"] >= 0.5))  # fmt: skip
+    bare256 = get("bare aiohttp+uvloop handler", 256)
+    for name in ("sold-out fast path", "purchase (reserve_stock.lua)"):
+        row = get(name, 256)
+        if row and bare256:
+            factor = row["p99_ms"] / bare256["p99_ms"]
+            out.append((f"{name}: p99 at 256 <= 2x bare's", f"{factor:.2f}x", factor <= 2.0))
+    watch = get("naive WATCH/MULTI in Redis", 64)
+    if purchase and watch:
+        watch_ok = watch["requests_per_s"] - watch["non_2xx"] / max(report["seconds_per_run"], 1)
+        factor = purchase["requests_per_s"] / max(watch_ok, 1.0)
+        out.append(("purchase >= 10x WATCH/MULTI (successful req/s)", f"{factor:.1f}x",
+                    factor >= 10))  # fmt: skip
+    extras = report.get("extras", {})
+    oversold = [k for k in ("naive_watch_oversold", "naive_select_oversold") if extras.get(k)]
+    out.append(("zero oversell in the designs that claim correctness",
+                "oversold: " + (", ".join(oversold) or "none"), not oversold))  # fmt: skip
+    return out
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -316,10 +435,12 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}, "
         f"Linux {machine['kernel']}, Python {machine['python']}, Redis {machine['redis']}, "
-        f"{machine['wrk']}. One gateway process; wrk -t1, {report['seconds_per_run']} s per run, "
-        f"median of {report['repeats']} interleaved rounds (all samples in the JSON).",
+        f"{machine['wrk']}. One gateway process unless said; wrk -t1, "
+        f"{report['seconds_per_run']} s per run, median of {report['repeats']} interleaved "
+        "rounds (all samples in the JSON).",
         "",
-        "Ratio to bare: the ratio within each round, median over the rounds.",
+        "Ratio to bare: the ratio within each round, median over the rounds. Non-2xx on the naive",
+        "designs are their failures (409 conflict after 3 optimistic tries, or errors).",
         "",
         "| path | connections | req/s | ratio to bare | p50 ms | p99 ms | non-2xx | wrk CPU |",
         "|---|---|---|---|---|---|---|---|",
@@ -330,6 +451,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['ratio_to_bare']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r['non_2xx']:,} | {r['wrk_cpu_share']:.0%} |"
         )
+    extras = report.get("extras", {})
+    bench = extras.get("redis_benchmark_reserve_stock")
+    if bench:
+        lines += [
+            "",
+            f"redis-benchmark, EVALSHA reserve_stock.lua directly (64 clients, unique users and "
+            f"keys): {bench['requests_per_s']:,.0f} scripts/s, p50 {bench['p50_ms']} ms "
+            "(the Redis ceiling).",
+        ]
+    lines += ["", "| target | this run | met |", "|---|---|---|"]
+    for name, value, met in targets(report):
+        lines.append(f"| {name} | {value} | {'yes' if met else '**not met**'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ def test_the_harness_measures_every_path() -> None:
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick"],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=400,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -36,3 +36,15 @@ def test_the_harness_measures_every_path() -> None:
     assert by_name["purchase (reserve_stock.lua)"]["non_2xx"] == 0
     assert by_name["sold-out fast path"]["non_2xx"] == by_name["sold-out fast path"]["requests"]
     assert report["machine"]["cores"]
+    assert {
+        "naive WATCH/MULTI in Redis",
+        "naive SELECT ... FOR UPDATE in PostgreSQL",
+        "rate-limited (429)",
+        "shed (503, max_in_flight 1)",
+        "purchase, serve --workers 2",
+    } <= names
+    assert by_name["rate-limited (429)"]["non_2xx"] > 0
+    assert by_name["shed (503, max_in_flight 1)"]["non_2xx"] > 0
+    extras = report["extras"]
+    assert extras["naive_watch_oversold"] is False and extras["naive_select_oversold"] is False
+    assert extras["redis_benchmark_reserve_stock"]["requests_per_s"] > 0
