@@ -7,9 +7,12 @@ a bare handler's budget; a dict increment costs almost nothing.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -19,6 +22,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 
@@ -174,3 +178,78 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
+
+
+class Shared:
+    """Metrics of several gateway processes (`serve --workers N`), merged on every scrape.
+
+    Each process keeps its counters in memory (cheap) and writes its exposition to
+    ``<directory>/<pid>.prom`` once a second; whichever process answers /metrics merges the
+    files of the processes still alive, each sample labelled ``worker="<pid>"`` so that
+    ``sum by (...)`` gives the totals. Its own figures are always fresh, the others' at most
+    a second old.
+    """
+
+    def __init__(self, directory: Path, metrics: Metrics) -> None:
+        self.directory = directory
+        self.metrics = metrics
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._closed = False
+
+    def publish(self) -> None:
+        """Write this process's exposition (atomically: write, then rename)."""
+        target = self.directory / f"{os.getpid()}.prom"
+        temporary = target.with_suffix(".tmp")
+        temporary.write_bytes(self.metrics.render())
+        temporary.replace(target)
+
+    def render(self) -> bytes:
+        """Every live process's metrics, labelled by worker."""
+        families: dict[str, Metric] = {}
+        own = os.getpid()
+        texts = {own: self.metrics.render().decode()}
+        for path in self.directory.glob("*.prom"):
+            pid = int(path.stem)
+            if pid == own:
+                continue
+            try:
+                os.kill(pid, 0)
+                texts[pid] = path.read_text()
+            except (ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # a worker that is gone
+            except PermissionError:
+                texts[pid] = path.read_text()
+        for pid, text in sorted(texts.items()):
+            for family in text_string_to_metric_families(text):
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit
+                    )
+                for sample in family.samples:
+                    merged.samples.append(
+                        sample._replace(labels={**sample.labels, "worker": str(pid)})
+                    )
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Fixed(list(families.values())))
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        self._closed = True
+
+    async def run(self) -> None:
+        """Publish every second until closed; remove this process's file at the end."""
+        try:
+            while not self._closed:
+                self.publish()
+                await asyncio.sleep(1.0)
+        finally:
+            (self.directory / f"{os.getpid()}.prom").unlink(missing_ok=True)
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families

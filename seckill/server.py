@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import uvloop
 from aiohttp import web
@@ -120,6 +123,9 @@ def serve(
     if settings.server.port == 0:
         print("seckill: --workers > 1 needs a fixed --port", file=sys.stderr)
         return 2
+    # /metrics on any worker shows every worker's figures (labelled worker="<pid>")
+    shared = Path(settings.server.var_dir).resolve() / f"metrics-{os.getpid()}"
+    settings = settings.replace("server", metrics_dir=str(shared))
     context = multiprocessing.get_context("spawn")
     children = [context.Process(target=_worker, args=(settings,)) for _ in range(workers)]
     for child in children:
@@ -137,4 +143,5 @@ def serve(
     for child in children:
         child.join()
         failed += child.exitcode not in (0, -signal.SIGTERM)
+    shutil.rmtree(shared, ignore_errors=True)
     return 1 if failed else 0

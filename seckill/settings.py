@@ -25,6 +25,7 @@ class ServerSettings:
     shutdown_timeout_s: float
     max_body_bytes: int
     var_dir: str
+    metrics_dir: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

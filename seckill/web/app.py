@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -23,7 +24,7 @@ from seckill.catalog import Catalog
 from seckill.errors import RedisUnavailable
 from seckill.events import Events
 from seckill.limits import Rules
-from seckill.metrics import Metrics
+from seckill.metrics import Metrics, Shared
 from seckill.orders.store import StoreUnavailable, open_store
 from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
 from seckill.settings import Settings
@@ -86,7 +87,9 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     """Events listener, catalog refresh, flag resync: closed and awaited (bounded) at exit."""
     services = app[SERVICES]
-    loops = (services.events, services.catalog, services.switches, services.limits)
+    loops: tuple[Any, ...] = (services.events, services.catalog, services.switches, services.limits)
+    if services.shared_metrics is not None:
+        loops = (*loops, services.shared_metrics)
     tasks = [asyncio.create_task(loop.run()) for loop in loops]
     yield
     for loop in loops:
@@ -220,6 +223,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app = web.Application(middlewares=[errors], client_max_size=1024 * 1024)
     app[SERVICES] = services
+    if settings.server.metrics_dir:
+        services.shared_metrics = Shared(Path(settings.server.metrics_dir), metrics)
     metrics.readings.add(
         "seckill_shed_total",
         "Requests refused at once because the process was at max_in_flight",

@@ -33,7 +33,9 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.get("/metrics", name="metrics")
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition."""
-    body = request.app[SERVICES].metrics.render()
+    services = request.app[SERVICES]
+    shared = services.shared_metrics
+    body = shared.render() if shared is not None else services.metrics.render()
     return web.Response(
         body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )

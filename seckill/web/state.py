@@ -14,7 +14,7 @@ from seckill.breakers import AsyncBreaker
 from seckill.catalog import Catalog
 from seckill.events import Events
 from seckill.limits import Rules
-from seckill.metrics import Metrics
+from seckill.metrics import Metrics, Shared
 from seckill.orders.store import OrderStore
 from seckill.scripts import Scripts
 from seckill.settings import Settings
@@ -47,6 +47,7 @@ class Services:
     draining: bool = False
     shed: int = 0
     http: aiohttp.ClientSession | None = None
+    shared_metrics: Shared | None = None
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -195,10 +196,22 @@ def test_serve_with_two_workers_shares_one_port_and_stops_cleanly(
             except OSError:
                 time.sleep(0.1)  # workers still starting
         assert answered == 20
+        # /metrics on either worker shows both, labelled by worker, adding up to the truth
+        time.sleep(1.5)  # every worker publishes its figures once a second
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        samples = re.findall(
+            r'^seckill_requests_total\{endpoint="healthz",outcome="ok",worker="(\d+)"\} (\S+)$',
+            text,
+            re.M,
+        )
+        assert {pid for pid, _ in samples} <= set(workers)
+        assert sum(float(value) for _, value in samples) == 20
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(30)
     assert code == 0
+    assert not list(tmp_path.glob("var/metrics-*")), "the shared directory is cleaned up"
 
 
 def test_kill_9_of_up_takes_its_private_redis_down(tmp_path: Path) -> None:
