@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from seckill import __version__
 from seckill import settings as settings_module
 from seckill.auth import UserAuth
 from seckill.embedded import EmbeddedRedis, EmbeddedRedisError
 from seckill.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from seckill.orders.store import OrderStore
 
 log = logging.getLogger("seckill")
 
@@ -108,6 +115,21 @@ def _redis_settings(settings: Settings) -> Settings | None:
     return settings.replace("redis", url=url)
 
 
+@contextlib.asynccontextmanager
+async def _connected(settings: Settings) -> AsyncIterator[tuple[Redis, OrderStore]]:
+    """A Redis client and the order store for a command; both closed afterwards."""
+    from seckill.orders.store import open_store
+    from seckill.web.app import redis_client
+
+    client = redis_client(settings)
+    store = open_store(settings.database_url)
+    try:
+        yield client, store
+    finally:
+        await store.close()
+        await client.aclose()
+
+
 def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
     """The order writer + expiry sweeper only (run one or more; they share a consumer group)."""
     import asyncio
@@ -118,8 +140,6 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
 
     from seckill.metrics import Metrics
     from seckill.orders.service import OrderService
-    from seckill.orders.store import open_store
-    from seckill.web.app import redis_client
 
     resolved = _redis_settings(settings)
     if resolved is None:
@@ -127,8 +147,10 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
     settings = resolved
 
     async def run() -> None:
-        client = redis_client(settings)
-        store = open_store(settings.database_url)
+        async with _connected(settings) as (client, store):
+            await serve_orders(client, store)
+
+    async def serve_orders(client: Redis, store: OrderStore) -> None:
         service = OrderService(settings, client, store)
         if settings.writer.metrics_port:
             metrics = Metrics()
@@ -140,11 +162,7 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
             # SIGTERM: finish the batch in hand, acknowledge it, exit 0
             loop.add_signal_handler(sig, stop.set)
         print(f"seckill writer {service.writer.consumer} running", flush=True)
-        try:
-            await service.run(stop)
-        finally:
-            await store.close()
-            await client.aclose()
+        await service.run(stop)
 
     uvloop.run(run())
     return 0
@@ -156,9 +174,8 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
     from seckill import report
-    from seckill.orders.store import StoreUnavailable, open_store
+    from seckill.orders.store import StoreUnavailable
     from seckill.scripts import CONNECTION_ERRORS
-    from seckill.web.app import redis_client
 
     resolved = _redis_settings(settings)
     if resolved is None:
@@ -166,13 +183,8 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     settings = resolved
 
     async def run() -> dict[str, object] | None:
-        client = redis_client(settings)
-        store = open_store(settings.database_url)
-        try:
+        async with _connected(settings) as (client, store):
             return await report.build(client, store, args.activity_id)
-        finally:
-            await store.close()
-            await client.aclose()
 
     try:
         body = asyncio.run(run())

@@ -63,7 +63,7 @@ async def backlog(client: Redis, stream: str) -> Backlog:
 
 
 async def trim_persisted(client: Redis, stream: str) -> int:
-    """Drop entries below every one the writers have not acknowledged; never MAXLEN.
+    """Drop entries below every one the writers have not acknowledged (never by length).
 
     Everything acknowledged was committed to the store first, so the entries strictly below the
     oldest pending one (or below the last delivered one, when none is pending) are safe to drop.

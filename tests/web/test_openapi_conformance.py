@@ -55,6 +55,8 @@ def test_the_served_description_is_the_file(seeded: str) -> None:
 def test_api_conforms(case: Any, seeded: str) -> None:
     headers: dict[str, str] = {}
     security = case.operation.definition.raw.get("security")
+    if _negative_headers(case):
+        security = None  # the case is about missing or bad headers: add no credentials to it
     if security and "admin" in security[0]:
         headers.update(_ADMIN)
     elif security and "user" in security[0]:
@@ -81,3 +83,11 @@ def _call_signed(case: Any, base_url: str, headers: dict[str, str], raw: bytes) 
     """Payment callbacks are signed over the raw body, so the body is sent as those bytes."""
     response = case.call(base_url=base_url, headers=headers, data=raw)
     case.validate_response(response, excluded_checks=[positive_data_acceptance])
+
+
+def _negative_headers(case: Any) -> bool:
+    components = getattr(case.meta, "components", None) or {}
+    return any(
+        getattr(location, "value", location) == "header" and info.mode is GenerationMode.NEGATIVE
+        for location, info in components.items()
+    )
