@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,loadtest]'
+	$(BIN)/pip install --quiet -e '.[test,loadtest,bench]'
 	touch $(STAMP)
 
 # System tools from the distribution: redis-server (the embedded Redis, the test suite's
@@ -41,7 +41,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP) tools
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py --profile
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis
