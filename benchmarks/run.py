@@ -367,13 +367,12 @@ def run(
                     ("purchase (reserve_stock.lua)", url["one"], buy),
                     ("naive WATCH/MULTI in Redis", url["watch"], buy),
                     ("naive SELECT ... FOR UPDATE in PostgreSQL", url["select"], buy),
+                    ("rate-limited (429)", url["one"], limited),
+                    ("shed (503, max_in_flight 1)", url["shed"], buy),
+                    ("sold-out, serve --workers 2", url["two"], gone),
+                    ("purchase, serve --workers 2", url["two"], buy),
+                    ("purchase, one script call per round trip (before)", url["plain"], buy),
                 )
-            ] + [
-                ("rate-limited (429)", url["one"], limited, 64),
-                ("shed (503, max_in_flight 1)", url["shed"], buy, 64),
-                ("sold-out, serve --workers 2", url["two"], gone, 64),
-                ("purchase, serve --workers 2", url["two"], buy, 64),
-                ("purchase, one script call per round trip (before)", url["plain"], buy, 64),
             ]
             import redis as redis_client
 
