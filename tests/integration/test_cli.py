@@ -34,6 +34,18 @@ def _seckill(
     )
 
 
+def _start_up(cwd: Path) -> subprocess.Popen[str]:
+    """`seckill up` on a free port in ``cwd``; its first stdout line is the URL it serves on."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "seckill", "up", "--port", "0"],
+        env=CLEAN_ENV,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
 def _redis_children(parent: int) -> list[str]:
     out = subprocess.run(
         ["ps", "-o", "pid=,comm=", "--ppid", str(parent)], capture_output=True, text=True
@@ -118,14 +130,7 @@ def test_sigterm_finishes_the_request_in_flight(tmp_path: Path) -> None:
 
     from seckill.auth import UserAuth
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "seckill", "up", "--port", "0"],
-        env=CLEAN_ENV,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    process = _start_up(tmp_path)
     try:
         assert process.stdout is not None
         url = process.stdout.readline().split()[-1]
@@ -215,14 +220,7 @@ def test_serve_with_two_workers_shares_one_port_and_stops_cleanly(
 
 
 def test_kill_9_of_up_takes_its_private_redis_down(tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "seckill", "up", "--port", "0"],
-        env=CLEAN_ENV,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    process = _start_up(tmp_path)
     assert process.stdout is not None
     assert process.stdout.readline().startswith("seckill serving on")
     children = _redis_children(process.pid)
