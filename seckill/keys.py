@@ -153,3 +153,8 @@ def activity_of_order(order_id: str) -> str | None:
     """The activity id an order id names, or None for a malformed id."""
     match = ORDER_ID_PATTERN.fullmatch(order_id)
     return match.group(1) if match else None
+
+
+def heartbeat(loop: str) -> str:
+    """String with a TTL, refreshed while a background loop ("writer", "sweeper") is alive."""
+    return f"{PREFIX}:heartbeat:{loop}"
