@@ -11,7 +11,7 @@ import asyncio
 import os
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,24 @@ class Metrics:
             "counter",
             [],
             count(sweeper.stats, "expired"),
+        )
+
+    def add_loops(self, supervisors: Iterable[Any]) -> None:
+        """Export whether each supervised background loop runs, and how often it restarted."""
+        loops = list(supervisors)
+        self.readings.add(
+            "seckill_loop_up",
+            "1 while a background loop (writer, sweeper) runs in this process, 0 while it is down",
+            "gauge",
+            ["loop"],
+            lambda: {(s.name,): float(s.up) for s in loops},
+        )
+        self.readings.add(
+            "seckill_loop_restarts_total",
+            "Times a background loop failed and was restarted by its supervisor",
+            "counter",
+            ["loop"],
+            lambda: {(s.name,): float(s.restarts) for s in loops},
         )
 
     def render(self) -> bytes:

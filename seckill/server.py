@@ -58,6 +58,8 @@ async def serve_until_signal(
         services = app[SERVICES]
         orders = OrderService(settings, services.redis, services.store)
         services.metrics.add_writer(orders.writer, orders.sweeper)
+        services.metrics.add_loops(orders.supervisors)
+        services.loops = orders.alive
         orders_task = asyncio.create_task(
             orders.run(stop_orders, final_drain_s=settings.server.shutdown_timeout_s)
         )

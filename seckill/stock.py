@@ -247,3 +247,11 @@ class Stock:
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
         return OrderRecord.unpack(blob) if isinstance(blob, bytes) else None
+
+    async def redis_now_ms(self) -> int:
+        """Redis's own clock (TIME), the one every script decides deadlines by."""
+        try:
+            seconds, micros = await self._client.time()
+        except CONNECTION_ERRORS as exc:
+            raise RedisUnavailable() from exc
+        return int(seconds) * 1000 + int(micros) // 1000

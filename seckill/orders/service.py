@@ -1,4 +1,4 @@
-"""The writer and the sweeper as one background service (`seckill writer`, `seckill up`)."""
+"""The writer and the sweeper as one supervised background service (`writer`, `up`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 from redis.asyncio import Redis
 
 from seckill.orders.store import OrderStore
+from seckill.orders.supervisor import Supervisor
 from seckill.orders.sweeper import Sweeper
 from seckill.orders.writer import Writer, WriterConfig
 from seckill.scripts import Coalescer, Scripts
@@ -18,7 +19,11 @@ log = logging.getLogger(__name__)
 
 
 class OrderService:
-    """An order writer and an expiry sweeper sharing one Redis client and one store."""
+    """An order writer and an expiry sweeper sharing one Redis client and one store.
+
+    Each runs under its own Supervisor: a crash restarts it with backoff, and its heartbeat
+    key tells the report and /readyz whether it is alive.
+    """
 
     def __init__(self, settings: Settings, client: Redis, store: OrderStore) -> None:
         w = settings.writer
@@ -46,6 +51,14 @@ class OrderService:
         self.sweeper = Sweeper(
             stock, interval_s=settings.sweeper.interval_s, batch_size=settings.sweeper.batch_size
         )
+        self.supervisors = [
+            Supervisor("writer", self.writer.run, client),
+            Supervisor("sweeper", self.sweeper.run, client),
+        ]
+
+    def alive(self) -> dict[str, bool]:
+        """Loop name -> whether it is running in this process now."""
+        return {s.name: s.up for s in self.supervisors}
 
     async def run(self, stop: asyncio.Event, final_drain_s: float = 0.0) -> None:
         """Write and sweep until ``stop``; the writer finishes the batch in hand.
@@ -55,10 +68,12 @@ class OrderService:
         stays in Redis and is written on the next start.
         """
         log.info("order writer %s started", self.writer.consumer)
-        await asyncio.gather(self.writer.run(stop), self.sweeper.run(stop))
+        await asyncio.gather(*(s.run(stop) for s in self.supervisors))
         if final_drain_s > 0:
             try:
                 await asyncio.wait_for(self.writer.drain(), final_drain_s)
             except TimeoutError:
                 log.warning("backlog not fully written in %.1fs; it waits in Redis", final_drain_s)
+            except Exception as exc:  # the stop must complete whatever Redis or the store say
+                log.warning("final drain stopped early (%r); the rest waits in Redis", exc)
         log.info("order writer %s stopped", self.writer.consumer)

@@ -3,6 +3,11 @@
 Safe in several processes at once: release_stock.lua re-checks status and deadline
 atomically, so two sweepers racing for one order release it exactly once, and a payment
 racing its expiry ends in exactly one of paid or expired.
+
+"Due" is decided by Redis's clock, never this machine's: the script checks the deadline by
+Redis TIME, so a sweeper whose clock runs ahead would call it for orders that are not due yet
+(each call answering not_due), and one whose clock lags would expire orders late. One TIME per
+pass keeps both in step.
 """
 
 from __future__ import annotations
@@ -12,18 +17,27 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from seckill import clock
+from redis import exceptions as redis_errors
+
 from seckill.errors import RedisUnavailable
 from seckill.scripts import CONNECTION_ERRORS
 from seckill.stock import Release, Stock
 
 log = logging.getLogger(__name__)
 
+_REDIS_FAULTS: tuple[type[BaseException], ...] = (
+    RedisUnavailable,
+    redis_errors.RedisError,
+    *CONNECTION_ERRORS,
+)
+
 
 @dataclass(slots=True)
 class SweeperStats:
     expired: int = 0
     passes: int = 0
+    calls: int = 0  # release_stock.lua calls, due or not
+    failed_passes: int = 0
 
 
 class Sweeper:
@@ -36,11 +50,12 @@ class Sweeper:
     async def sweep(self) -> int:
         """One pass over every activity; returns how many orders expired."""
         expired = 0
-        now = clock.now_ms()
+        now = await self.stock.redis_now_ms()
         for activity_id in await self.stock.activity_ids():
             while True:
                 due = await self.stock.due(activity_id, now, self.batch_size)
                 for order_id in due:
+                    self.stats.calls += 1
                     outcome = await self.stock.release(order_id, "expired")
                     if outcome is Release.RELEASED:
                         expired += 1
@@ -54,13 +69,33 @@ class Sweeper:
         return expired
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Sweep every ``interval_s`` until ``stop`` is set."""
+        """Sweep every ``interval_s`` until ``stop`` is set; Redis faults only skip a pass."""
+        failing: str | None = None
         while not stop.is_set():
             try:
                 count = await self.sweep()
+                if failing is not None:
+                    log.info("the sweeper reaches Redis again")
+                    failing = None
                 if count:
                     log.info("expired %d unpaid reservations", count)
-            except (RedisUnavailable, *CONNECTION_ERRORS):  # type: ignore[misc]
-                log.warning("Redis unreachable; the sweeper retries")
-            with contextlib.suppress(asyncio.TimeoutError):
+            except _REDIS_FAULTS as exc:
+                # an error reply (READONLY, OOM, MISCONF, NOREPLICAS …) or a lost connection:
+                # say it once per kind, then keep trying every interval
+                self.stats.failed_passes += 1
+                kind = _kind(exc)
+                if kind != failing:
+                    log.warning(
+                        "sweeper pass failed (%s); retrying every %.1fs", kind, self.interval_s
+                    )
+                    failing = kind
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval_s)
+
+
+def _kind(exc: BaseException) -> str:
+    """A short name of a Redis fault: the error reply's first word, or the exception type."""
+    cause = exc.__cause__ if isinstance(exc, RedisUnavailable) and exc.__cause__ else exc
+    if isinstance(cause, redis_errors.ResponseError) and str(cause):
+        return str(cause).split()[0]
+    return type(cause).__name__

@@ -27,6 +27,12 @@ async def readyz(request: web.Request) -> web.Response:
             await services.scripts.load(services.redis)
     except CONNECTION_ERRORS:
         return error_response(503, "overloaded", "not ready: Redis is unreachable")
+    down = sorted(
+        name for name, up in (services.loops() if services.loops else {}).items() if not up
+    )
+    if down:
+        # `seckill up` without its writer or sweeper would accept orders nobody persists
+        return error_response(503, "overloaded", f"not ready: {' and '.join(down)} not running")
     return web.json_response({"status": "ready"})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,8 @@ class Services:
     shed: int = 0
     http: aiohttp.ClientSession | None = None
     shared_metrics: Shared | None = None
+    # `seckill up`: which background loops (writer, sweeper) run in this process right now
+    loops: Callable[[], dict[str, bool]] | None = None
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
