@@ -45,7 +45,9 @@ async def _wait(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what
 async def _activity(stock: Stock, activity_id: str, quantity: int, timeout_s: int = 900) -> None:
     now = clock.now_ms()
     await stock.put_activity(
-        Activity(activity_id, "sku", "t", 100, quantity, 1, now - 60_000, now + 3_600_000, timeout_s)
+        Activity(
+            activity_id, "sku", "t", 100, quantity, 1, now - 60_000, now + 3_600_000, timeout_s
+        )
     )
 
 
@@ -145,9 +147,8 @@ async def test_the_sweeper_decides_due_by_redis_time(
 
 
 def _service_settings(settings: Settings) -> Settings:
-    return (
-        settings.replace("writer", block_ms=50, retry_idle_ms=100, claim_idle_ms=1000)
-        .replace("sweeper", interval_s=0.1)
+    return settings.replace("writer", block_ms=50, retry_idle_ms=100, claim_idle_ms=1000).replace(
+        "sweeper", interval_s=0.1
     )
 
 
