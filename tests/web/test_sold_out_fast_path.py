@@ -32,7 +32,7 @@ async def _buy(
     )
 
 
-async def _until(predicate: Any, timeout_s: float = 3.0) -> None:
+async def _until(predicate: Any, timeout_s: float = 15.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
