@@ -27,7 +27,8 @@ if not blob then
   return {'not_found'}
 end
 local order = cmsgpack.unpack(blob)
-local price = tonumber(redis.call('HGET', KEYS[1], 'price_cents') or '-1')
+-- the unit price the order was sold at (SKU, member tier); older records: the activity's
+local price = tonumber(order['price_cents'] or redis.call('HGET', KEYS[1], 'price_cents') or '-1')
 local amount = tonumber(ARGV[3])
 if amount ~= price * tonumber(order['quantity']) then
   return {'amount_mismatch'}

@@ -1,15 +1,19 @@
--- create_activity.lua: create an activity, or replace one that has not started, and load its
+-- create_activity.lua: create an activity, or replace one that has not opened, and load its
 -- stock into Redis (the warm-up: the purchase path never reads the database).
 --
 -- KEYS[1] meta  KEYS[2] stock  KEYS[3] holders  KEYS[4] orders  KEYS[5] deadlines
--- KEYS[6] counters
+-- KEYS[6] counters  KEYS[7] skus (hash SKU id -> quantity of it on sale)
 -- ARGV: id, sku_id, title, price_cents, stock, per_user_limit, starts_at_ms, ends_at_ms,
---       payment_timeout_s
+--       payment_timeout_s, skus (JSON, "[]" for the single form), tiers (JSON),
+--       requires_address ("1"/"0"), version (digest of the definition), opens_at_ms (the
+--       earliest start, a tier's early access included), then SKU id, stock pairs (the
+--       single form: its one SKU). ARGV[10..] may be absent (a definition from before SKUs).
 --
 -- Returns {"created"} or {"replaced"}, or {"conflict", reason} when the existing activity has
--- started or already holds orders (nothing is changed then).
+-- opened or already holds orders (nothing is changed then).
 
-local existing_start = redis.call('HGET', KEYS[1], 'starts_at_ms')
+local existing = redis.call('HMGET', KEYS[1], 'starts_at_ms', 'opens_at_ms')
+local existing_start = existing[2] or existing[1]
 if existing_start then
   local t = redis.call('TIME')
   local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -29,6 +33,18 @@ redis.call('HSET', KEYS[1],
 redis.call('SET', KEYS[2], ARGV[5])
 redis.call('HSET', KEYS[6], 'initial_stock', ARGV[5], 'orders_created', 0,
   'reserved', 0, 'paid', 0, 'released', 0)
+if KEYS[7] and ARGV[10] then
+  redis.call('HSET', KEYS[1], 'skus', ARGV[10], 'tiers', ARGV[11],
+    'requires_address', ARGV[12], 'version', ARGV[13], 'opens_at_ms', ARGV[14])
+  redis.call('DEL', KEYS[7])
+  -- one counter per SKU, and per SKU the initial stock and the quantity held (reserved or
+  -- paid): the report checks initial:<sku> == on sale + held:<sku> for each SKU
+  for i = 15, #ARGV, 2 do
+    redis.call('HSET', KEYS[7], ARGV[i], ARGV[i + 1])
+    redis.call('HSET', KEYS[6], 'initial:' .. ARGV[i], ARGV[i + 1], 'held:' .. ARGV[i], 0,
+      'released:' .. ARGV[i], 0)
+  end
+end
 if existing_start then
   return {'replaced'}
 end

@@ -6,7 +6,9 @@
 -- KEYS[3] orders     hash    order id -> msgpack order record
 -- KEYS[4] deadlines  zset    order id -> payment deadline (ms)
 -- KEYS[5] changes    stream  status transitions for the order writer (field "c": msgpack)
--- KEYS[6] counters   hash    reserved (held, unpaid), released (cumulative)
+-- KEYS[6] counters   hash    reserved (held, unpaid), released (cumulative), and per SKU
+--                            held:<sku>, released:<sku>
+-- KEYS[7] skus       hash    SKU id -> quantity on sale (optional; absent before SKUs)
 -- ARGV[1] order id
 -- ARGV[2] cause: "cancelled" (owner's request) or "expired" (sweeper)
 -- ARGV[3] user id that must own the order ("" for the sweeper)
@@ -43,6 +45,11 @@ if redis.call('HINCRBY', KEYS[2], order['user_id'], -quantity) <= 0 then
 end
 redis.call('HINCRBY', KEYS[6], 'reserved', -quantity)
 redis.call('HINCRBY', KEYS[6], 'released', quantity)
+if KEYS[7] and order['sku_id'] and redis.call('HEXISTS', KEYS[7], order['sku_id']) == 1 then
+  redis.call('HINCRBY', KEYS[7], order['sku_id'], quantity)
+  redis.call('HINCRBY', KEYS[6], 'held:' .. order['sku_id'], -quantity)
+  redis.call('HINCRBY', KEYS[6], 'released:' .. order['sku_id'], quantity)
+end
 redis.call('XADD', KEYS[5], '*', 'c', cmsgpack.pack({
   kind = 'transition', order = order, from = 'reserved', to = ARGV[2], at = now_ms,
 }))

@@ -11,6 +11,7 @@
 -- KEYS[9] user bucket  hash  token bucket of (activity, user)
 -- KEYS[10] ip bucket   hash  token bucket of (activity, client IP)
 -- KEYS[11] admission bucket  hash  the activity's cluster-wide admission token bucket
+-- KEYS[12] skus       hash    SKU id -> quantity of that SKU on sale (absent before SKUs)
 -- ARGV[1] user id
 -- ARGV[2] quantity (integer >= 1)
 -- ARGV[3] request fingerprint (same body <=> same fingerprint)
@@ -22,13 +23,23 @@
 --         (rate 0: no such limit)
 -- ARGV[11] limits mode: "enforce", or "shadow" (evaluated and counted, never refused)
 -- ARGV[12] admission rate/s  ARGV[13] admission burst (exact across every gateway)
+-- ARGV[14] SKU id ("" or absent: the activity's only SKU)
+-- ARGV[15] the buyer's window start, ms (a member tier's early access; "": the activity's)
+-- ARGV[16] the buyer's per-user limit ("": the activity's)
+-- ARGV[17] unit price in cents recorded on the order ("": the activity's price_cents)
+-- ARGV[18] the buyer's member tier ("" none)
+-- ARGV[19] the definition version the gateway computed ARGV[15..17] from ("": not checked)
+-- ARGV[20] the address, encrypted in the gateway and bound to ARGV[4] ("" none)
+-- ARGV[21] keyed hash of the normalised address ("" none)
+-- ARGV[14..21] are optional: a caller from before SKUs passes 13 arguments.
 --
 -- Returns one of
---   {"ok", order_id, quantity, expires_at_ms, stock_left}
+--   {"ok", order_id, quantity, expires_at_ms, stock_left, sku_stock_left}
 --   {"replay", order_id, quantity, expires_at_ms}
 --   {"rate_limited", scope, retry_after_ms}    scope: user, ip or admission
---   {code}  with code in not_found, reused, <gate>, not_started, ended, limit_reached,
---           sold_out, collision
+--   {code}  with code in not_found, reused, <gate>, stale (the gateway's definition is not
+--           the stored one: re-read and retry), not_started, ended, limit_reached, sold_out,
+--           unknown_sku, collision
 --
 -- Every check runs before the first write: Redis does not roll back a script that fails halfway.
 -- (Taking a rate-limit token is the attempt's own outcome, not a half-done purchase.)
@@ -43,7 +54,7 @@ local idem_ttl = tonumber(ARGV[5])
 local gate = ARGV[6]
 
 local meta = redis.call('HMGET', KEYS[1], 'id', 'starts_at_ms', 'ends_at_ms',
-                        'per_user_limit', 'payment_timeout_s')
+                        'per_user_limit', 'payment_timeout_s', 'sku_id', 'price_cents', 'version')
 if not meta[1] then
   return {'not_found'}
 end
@@ -60,6 +71,25 @@ end
 if gate ~= '' then
   return {gate}
 end
+
+local function given(i, default)
+  local value = ARGV[i]
+  if value == nil or value == '' then
+    return default
+  end
+  return value
+end
+local version = given(19, '')
+if version ~= '' and meta[8] and version ~= meta[8] then
+  return {'stale'}
+end
+local sku = given(14, meta[6])
+local starts_at_ms = tonumber(given(15, meta[2]))
+local limit = tonumber(given(16, meta[4]))
+local price = tonumber(given(17, meta[7]))
+local tier = given(18, '')
+local address = given(20, '')
+local address_hash = given(21, '')
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -84,7 +114,7 @@ for _, bucket in ipairs(buckets) do
     end
   end
 end
-if now_ms < tonumber(meta[2]) then
+if now_ms < starts_at_ms then
   return {'not_started'}
 end
 if now_ms >= tonumber(meta[3]) then
@@ -93,12 +123,24 @@ end
 
 -- limit_reached wins over sold_out: a user at the limit learns why, whatever the stock
 local held = tonumber(redis.call('HGET', KEYS[3], user) or '0')
-if held + quantity > tonumber(meta[4]) then
+if held + quantity > limit then
   return {'limit_reached'}
 end
 local available = tonumber(redis.call('GET', KEYS[2]) or '0')
 if available < quantity then
   return {'sold_out'}
+end
+-- per SKU: its own counter; an activity from before SKUs has none and sells on the total
+local sku_key = KEYS[12]
+local sku_left = nil
+if sku_key and redis.call('EXISTS', sku_key) == 1 then
+  sku_left = redis.call('HGET', sku_key, sku)
+  if not sku_left then
+    return {'unknown_sku'}
+  end
+  if tonumber(sku_left) < quantity then
+    return {'sold_out'}
+  end
 end
 if redis.call('HEXISTS', KEYS[4], order_id) == 1 then
   return {'collision'}
@@ -106,11 +148,24 @@ end
 
 -- writes: all checks passed
 local expires_at_ms = now_ms + tonumber(meta[5]) * 1000
-local record = cmsgpack.pack({
+local fields = {
   order_id = order_id, activity_id = meta[1], user_id = user, quantity = quantity,
   status = 'reserved', created_at = now_ms, expires_at = expires_at_ms, paid_at = 0,
-})
+  sku_id = sku, price_cents = price,
+}
+if tier ~= '' then
+  fields['tier'] = tier
+end
+if address ~= '' then
+  fields['address'] = address
+  fields['address_hash'] = address_hash
+end
+local record = cmsgpack.pack(fields)
 local left = redis.call('DECRBY', KEYS[2], quantity)
+if sku_left then
+  sku_left = redis.call('HINCRBY', sku_key, sku, -quantity)
+  redis.call('HINCRBY', KEYS[7], 'held:' .. sku, quantity)
+end
 redis.call('HINCRBY', KEYS[3], user, quantity)
 redis.call('HSET', KEYS[4], order_id, record)
 redis.call('ZADD', KEYS[5], expires_at_ms, order_id)
@@ -119,4 +174,4 @@ redis.call('HINCRBY', KEYS[7], 'orders_created', 1)
 redis.call('HINCRBY', KEYS[7], 'reserved', quantity)
 redis.call('SET', KEYS[8], cmsgpack.pack({fingerprint, order_id, quantity, expires_at_ms}),
            'EX', idem_ttl)
-return {'ok', order_id, quantity, expires_at_ms, left}
+return {'ok', order_id, quantity, expires_at_ms, left, sku_left or left}

@@ -22,17 +22,22 @@ class UserAuth:
 
     def __init__(self, secret: str) -> None:
         self._secret = secret
-        self._verified: dict[str, tuple[str, float]] = {}
+        # token -> (sub, exp, tier); the tier claim is "" when absent
+        self._verified: dict[str, tuple[str, float, str]] = {}
 
     def user_id(self, authorization: str | None) -> str:
         """The token's ``sub``; Unauthorized when missing, malformed, expired or forged."""
+        return self.user(authorization)[0]
+
+    def user(self, authorization: str | None) -> tuple[str, str]:
+        """(``sub``, member ``tier`` or ""); Unauthorized as for user_id."""
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized("a Bearer token is required")
         token = authorization[7:].strip()
         hit = self._verified.get(token)
         if hit is not None:
             if hit[1] > time.time():
-                return hit[0]
+                return hit[0], hit[2]
             del self._verified[token]
         try:
             claims = jwt.decode(
@@ -46,19 +51,25 @@ class UserAuth:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not 1 <= len(subject) <= 64:
             raise Unauthorized("token subject must be a user id of 1-64 characters")
+        tier = claims.get("tier", "")
+        if not isinstance(tier, str) or len(tier) > 32:
+            raise Unauthorized("token tier must be a string of at most 32 characters")
         if len(self._verified) >= _CACHE_MAX:
             self._verified.clear()
-        self._verified[token] = (subject, float(claims["exp"]))
-        return subject
+        self._verified[token] = (subject, float(claims["exp"]), tier)
+        return subject, tier
 
-    def mint(self, user_id: str, ttl_s: int) -> str:
-        """A signed token for ``user_id`` valid for ``ttl_s`` seconds."""
+    def mint(self, user_id: str, ttl_s: int, tier: str = "") -> str:
+        """A signed token for ``user_id`` (member ``tier`` if given) valid for ``ttl_s`` s."""
         if not 1 <= len(user_id) <= 64:
             raise ValueError("user id must be 1-64 characters")
+        if len(tier) > 32:
+            raise ValueError("tier must be at most 32 characters")
         now = int(time.time())
-        return jwt.encode(
-            {"sub": user_id, "iat": now, "exp": now + ttl_s}, self._secret, algorithm="HS256"
-        )
+        claims: dict[str, str | int] = {"sub": user_id, "iat": now, "exp": now + ttl_s}
+        if tier:
+            claims["tier"] = tier
+        return jwt.encode(claims, self._secret, algorithm="HS256")
 
 
 class PaymentSignature:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
@@ -40,11 +40,17 @@ class Entry:
     # users holding orders, as of holders_version == orders_created; None: no usable snapshot
     holders: frozenset[str] | None = None
     holders_version: int = -1
+    # SKU id -> quantity of it still on sale (empty for an activity from before SKUs)
+    sku_left: dict[str, int] = field(default_factory=dict)
 
-    def sold_out_for(self, user_id: str) -> bool:
-        """True when the fast path may answer sold_out to this user without asking Redis."""
+    def sold_out_for(self, user_id: str, sku_id: str | None = None) -> bool:
+        """True when the fast path may answer sold_out to this user without asking Redis.
+
+        Per SKU: one SKU sold out answers at once while another still sells.
+        """
+        gone = self.stock_left <= 0 or (sku_id is not None and self.sku_left.get(sku_id, 1) <= 0)
         return (
-            self.stock_left <= 0
+            gone
             and self.holders is not None
             and self.holders_version == self.orders_created
             and user_id not in self.holders
@@ -100,7 +106,8 @@ class Catalog:
             pipe.hgetall(keys.meta(activity_id))
             pipe.get(keys.stock(activity_id))
             pipe.hget(keys.counters(activity_id), "orders_created")
-            meta, stock, created = await pipe.execute()
+            pipe.hgetall(keys.sku_stock(activity_id))
+            meta, stock, created, skus = await pipe.execute()
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
         if not meta:
@@ -112,10 +119,12 @@ class Catalog:
             return None
         self._missing.pop(activity_id, None)
         entry = Entry(Activity.from_meta(meta), int(stock or 0), int(created or 0))
+        entry.sku_left = {k.decode(): int(v) for k, v in skus.items()}
         previous = self._entries.get(activity_id)
         if previous is not None and previous.activity == entry.activity:
             entry.holders, entry.holders_version = previous.holders, previous.holders_version
-        if entry.stock_left <= 0 and entry.holders_version != entry.orders_created:
+        some_gone = entry.stock_left <= 0 or any(v <= 0 for v in entry.sku_left.values())
+        if some_gone and entry.holders_version != entry.orders_created:
             await self._snapshot_holders(activity_id, entry)
         self._entries[activity_id] = entry
         return entry
@@ -126,20 +135,26 @@ class Catalog:
         pipe.get(keys.stock(activity_id))
         pipe.hget(keys.counters(activity_id), "orders_created")
         pipe.hkeys(keys.holders(activity_id))
-        stock, created, holders = await pipe.execute()
+        pipe.hgetall(keys.sku_stock(activity_id))
+        stock, created, holders, skus = await pipe.execute()
         entry.stock_left = int(stock or 0)
+        entry.sku_left = {k.decode(): int(v) for k, v in skus.items()}
         entry.orders_created = int(created or 0)
         entry.holders = frozenset(h.decode() for h in holders)
         entry.holders_version = entry.orders_created
 
-    def note_reserved(self, activity_id: str, stock_left: int) -> None:
-        """A reservation here left ``stock_left``: at 0, tell every process."""
+    def note_reserved(
+        self, activity_id: str, stock_left: int, sku_id: str = "", sku_left: int | None = None
+    ) -> None:
+        """A reservation here left ``stock_left`` (and ``sku_left`` of its SKU): at 0, tell all."""
         entry = self._entries.get(activity_id)
         if entry is None:
             return
         entry.stock_left = stock_left
+        if sku_id and sku_left is not None and sku_id in entry.sku_left:
+            entry.sku_left[sku_id] = sku_left
         entry.orders_created += 1  # invalidates this process's holders snapshot at once
-        if stock_left <= 0:
+        if stock_left <= 0 or (sku_left is not None and sku_left <= 0):
             self._spawn(self._announce_sold_out(activity_id))
 
     def note_sold_out(self, activity_id: str) -> None:

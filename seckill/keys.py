@@ -105,6 +105,7 @@ def reserve_keys(activity_id: str, user_id: str, key: str, ip: str = "") -> list
         user_bucket(activity_id, user_id),
         ip_bucket(activity_id, ip or "-"),
         f"{_tag(activity_id)}:rl:admission",
+        sku_stock(activity_id),
     ]
 
 
@@ -117,6 +118,7 @@ def release_keys(activity_id: str) -> list[str]:
         deadlines(activity_id),
         changes(activity_id),
         counters(activity_id),
+        sku_stock(activity_id),
     ]
 
 
@@ -141,6 +143,7 @@ def activity_keys(activity_id: str) -> list[str]:
         orders(activity_id),
         deadlines(activity_id),
         counters(activity_id),
+        sku_stock(activity_id),
     ]
 
 
@@ -158,3 +161,11 @@ def activity_of_order(order_id: str) -> str | None:
 def heartbeat(loop: str) -> str:
     """String with a TTL, refreshed while a background loop ("writer", "sweeper") is alive."""
     return f"{PREFIX}:heartbeat:{loop}"
+
+
+def sku_stock(activity_id: str) -> str:
+    """Hash SKU id -> quantity of that SKU still on sale (one counter per SKU)."""
+    return f"{_tag(activity_id)}:skus"
+
+
+DATA_KEY_CHECKS: Final = f"{PREFIX}:datakeys"  # hash key id -> a probe encrypted under it

@@ -110,6 +110,13 @@ class UpstreamsSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class DataSettings:
+    cipher: str
+    keys: str
+    hash_key: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     redis: RedisSettings
@@ -123,6 +130,7 @@ class Settings:
     protection: ProtectionSettings
     limits: LimitsSettings
     upstreams: UpstreamsSettings
+    data: DataSettings
 
     @property
     def database_url(self) -> str:
@@ -268,6 +276,10 @@ def _check(settings: Settings) -> None:
         "protection.redis_reset_timeout_s",
         "must be > 0",
     )
+    from seckill.personal import settings_problem
+
+    data_problem = settings_problem(s.data.keys, s.data.cipher, s.data.hash_key)
+    need(data_problem is None, *(data_problem or ("data.keys", "")))
 
 
 def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
@@ -14,6 +14,9 @@ from seckill.activities import Activity
 from seckill.errors import Conflict, RedisUnavailable
 from seckill.orders.record import OrderRecord
 from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
+
+if TYPE_CHECKING:
+    from seckill.skus import OrderTerms
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ class Outcome(enum.Enum):
     ENDED = "ended"
     LIMIT_REACHED = "limit_reached"
     SOLD_OUT = "sold_out"
+    UNKNOWN_SKU = "unknown_sku"
+    STALE = "stale"  # the gateway's cached definition is not Redis's: re-read it
 
 
 _OUTCOMES = {o.value.encode(): o for o in Outcome}
@@ -60,6 +65,7 @@ class Reservation:
     stock_left: int | None = None
     gate: str = ""
     retry_after_ms: int = 0
+    sku_left: int | None = None  # what is left of the order's SKU
 
 
 class Release(enum.Enum):
@@ -88,9 +94,17 @@ _PAYMENTS = {p.value.encode(): p for p in Payment}
 PAYMENT_EVENT_TTL_S = 30 * 86_400
 
 
-def fingerprint(quantity: int) -> str:
-    """What makes two order bodies "the same" for idempotency: their parsed content."""
-    return f"q={quantity}"
+def fingerprint(quantity: int, sku_id: str = "", address_hash: str = "") -> str:
+    """What makes two order bodies "the same" for idempotency: their parsed content.
+
+    The address enters as its keyed hash: the fingerprint is stored in Redis in clear.
+    """
+    text = f"q={quantity}"
+    if sku_id:
+        text += f";s={sku_id}"
+    if address_hash:
+        text += f";a={address_hash}"
+    return text
 
 
 class Stock:
@@ -113,16 +127,24 @@ class Stock:
         gate: str = "",
         limits: Limits = NO_LIMITS,
         ip: str = "",
+        terms: OrderTerms | None = None,
     ) -> Reservation:
         """Pre-lock ``quantity`` for the user and queue the order, or say why not."""
         script_keys = keys.reserve_keys(activity_id, user_id, idempotency_key, ip)
         # a random id colliding with a live order is all but impossible; a fresh one is safe
+        body = (
+            fingerprint(quantity, terms.fingerprint_sku, terms.address_hash)
+            if terms is not None
+            else fingerprint(quantity)
+        )
         for _ in range(3):
+            # minted here, not in Lua: the address is sealed to this id before the script runs
+            order_id = keys.new_order_id(activity_id)
             args: list[str | int | float] = [
                 user_id,
                 quantity,
-                fingerprint(quantity),
-                keys.new_order_id(activity_id),
+                body,
+                order_id,
                 self._idempotency_ttl_s,
                 gate,
                 limits.user_rate,
@@ -133,6 +155,8 @@ class Stock:
                 limits.admission_rate,
                 limits.admission_burst,
             ]
+            if terms is not None:
+                args += terms.script_args(order_id)
             reply = await self._coalescer.call(self._scripts.reserve_stock, script_keys, args)
             code = reply[0]
             if code == b"collision":
@@ -146,7 +170,12 @@ class Stock:
                 return Reservation(Outcome.GATED, gate=code.decode())
             if outcome is Outcome.OK:
                 return Reservation(
-                    outcome, reply[1].decode(), int(reply[2]), int(reply[3]), int(reply[4])
+                    outcome,
+                    reply[1].decode(),
+                    int(reply[2]),
+                    int(reply[3]),
+                    int(reply[4]),
+                    sku_left=int(reply[5]) if len(reply) > 5 else None,
                 )
             if outcome is Outcome.REPLAY:
                 return Reservation(outcome, reply[1].decode(), int(reply[2]), int(reply[3]))

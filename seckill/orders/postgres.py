@@ -41,6 +41,8 @@ COUNT_ORDERS = _numbered(sql.COUNT_ORDERS)
 SELECT_STATUSES = _numbered(sql.SELECT_STATUSES)
 SELECT_EVENTS = _numbered(sql.SELECT_EVENTS)
 SELECT_PAYMENTS = _numbered(sql.SELECT_PAYMENTS)
+SELECT_ADDRESSES = _numbered(sql.SELECT_ADDRESSES)
+UPDATE_ADDRESS = _numbered(sql.UPDATE_ADDRESS)
 
 
 class PostgresStore(OrderStore):
@@ -167,3 +169,15 @@ class PostgresStore(OrderStore):
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+    async def addresses(self, after: str, skip_prefix: str, limit: int) -> list[tuple[str, str]]:
+        rows = await self._run(
+            lambda db: db.fetch(SELECT_ADDRESSES, after, len(skip_prefix), skip_prefix, limit)
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    async def replace_address(self, order_id: str, old: str, new: str, new_hash: str) -> bool:
+        status = await self._run(
+            lambda db: db.execute(UPDATE_ADDRESS, new, new_hash, order_id, old)
+        )
+        return bool(status.endswith(" 1"))

@@ -148,3 +148,16 @@ class SqliteStore(OrderStore):
                 await self._run(work)
             finally:
                 self._executor.shutdown(wait=False)
+
+    async def addresses(self, after: str, skip_prefix: str, limit: int) -> list[tuple[str, str]]:
+        rows = await self._query(
+            sql.SELECT_ADDRESSES, (after, len(skip_prefix), skip_prefix, limit)
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    async def replace_address(self, order_id: str, old: str, new: str, new_hash: str) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            updated = db.execute(sql.UPDATE_ADDRESS, (new, new_hash, order_id, old)).rowcount
+            return bool(updated)
+
+        return await self._run(work)

@@ -93,12 +93,22 @@ SCHEMA: list[list[str]] = [
             at_ms        BIGINT NOT NULL
         )""",
     ],
+    # version 2: what an order needs to ship. Rows from before keep sku_id "" and price -1
+    # (the activity's price); the address is ciphertext only (seckill.personal).
+    [
+        "ALTER TABLE orders ADD COLUMN sku_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE orders ADD COLUMN price_cents BIGINT NOT NULL DEFAULT -1",
+        "ALTER TABLE orders ADD COLUMN tier TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE orders ADD COLUMN address TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE orders ADD COLUMN address_hash TEXT NOT NULL DEFAULT ''",
+    ],
 ]
 
 # Statements in "?" style; the PostgreSQL backend numbers them.
 INSERT_ORDER = (
     "INSERT INTO orders (order_id, activity_id, user_id, quantity, status, created_at_ms,"
-    " expires_at_ms, paid_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (order_id) DO NOTHING"
+    " expires_at_ms, paid_at_ms, sku_id, price_cents, tier, address, address_hash)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (order_id) DO NOTHING"
 )
 UPDATE_FROM = "UPDATE orders SET status = ?, paid_at_ms = ? WHERE order_id = ? AND status = ?"
 SELECT_STATUS = "SELECT status FROM orders WHERE order_id = ?"
@@ -112,7 +122,16 @@ INSERT_PAYMENT = (
 )
 SELECT_ORDER = (
     "SELECT order_id, activity_id, user_id, quantity, status, created_at_ms, expires_at_ms,"
-    " paid_at_ms FROM orders WHERE order_id = ?"
+    " paid_at_ms, sku_id, price_cents, tier, address, address_hash FROM orders WHERE order_id = ?"
+)
+# key rotation: addressed orders not yet under the current key, by order id (the cursor), and a
+# compare-and-set on the old ciphertext (a row changed meanwhile is left for the next pass)
+SELECT_ADDRESSES = (
+    "SELECT order_id, address FROM orders WHERE order_id > ? AND address <> ''"
+    " AND substr(address, 1, ?) <> ? ORDER BY order_id LIMIT ?"
+)
+UPDATE_ADDRESS = (
+    "UPDATE orders SET address = ?, address_hash = ? WHERE order_id = ? AND address = ?"
 )
 COUNT_ORDERS = "SELECT COUNT(*) FROM orders WHERE activity_id = ?"
 SELECT_STATUSES = "SELECT order_id, status FROM orders WHERE activity_id = ?"
@@ -135,6 +154,11 @@ def order_row(order: OrderRecord) -> tuple[Any, ...]:
         order.created_at_ms,
         order.expires_at_ms,
         order.paid_at_ms,
+        order.sku_id,
+        order.price_cents,
+        order.tier,
+        order.address,
+        order.address_hash,
     )
 
 
@@ -153,6 +177,11 @@ def record_from_row(row: Any) -> OrderRecord:
         created_at_ms=int(row[5]),
         expires_at_ms=int(row[6]),
         paid_at_ms=int(row[7] or 0),
+        sku_id=row[8] or "",
+        price_cents=int(row[9]),
+        tier=row[10] or "",
+        address=row[11] or "",
+        address_hash=row[12] or "",
     )
 
 
@@ -190,6 +219,14 @@ class OrderStore(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections."""
+
+    @abc.abstractmethod
+    async def addresses(self, after: str, skip_prefix: str, limit: int) -> list[tuple[str, str]]:
+        """(order_id, address) of addressed orders after ``after`` not starting ``skip_prefix``."""
+
+    @abc.abstractmethod
+    async def replace_address(self, order_id: str, old: str, new: str, new_hash: str) -> bool:
+        """Set the order's address to ``new`` only if it is still ``old``; True if it was."""
 
 
 def open_store(url: str) -> OrderStore:

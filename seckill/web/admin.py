@@ -23,12 +23,15 @@ async def put_activity(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     services.admin.check(request.headers.get("Authorization"))
     activity = Activity.from_request(parse_json(await read_limited(request, _ADMIN_BODY_LIMIT)))
+    if activity.requires_address and services.personal is None:
+        raise InvalidRequest("requires_address needs a data key (SECKILL_DATA_KEYS) on the gateway")
     await services.stock.put_activity(activity)
     # the cache may still hold the replaced definition until the change event arrives
     entry = await services.catalog.reload(activity.id)
     if entry is None:  # deleted between the write and the read: report it honestly
         raise NotFound("activity vanished after creation")
-    return web.json_response(entry.activity.admin(clock.now_ms(), entry.stock_left), status=201)
+    body = entry.activity.admin(clock.now_ms(), entry.stock_left, sku_left=entry.sku_left)
+    return web.json_response(body, status=201)
 
 
 @routes.get("/admin/v1/activities/{activity_id}/report", name="admin_activity_report")

@@ -26,6 +26,7 @@ from seckill.events import Events
 from seckill.limits import Rules
 from seckill.metrics import Metrics, Shared
 from seckill.orders.store import StoreUnavailable, open_store
+from seckill.personal import Sealer
 from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
@@ -99,6 +100,11 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     # bounded: a shutdown must never hang on a background loop
     with contextlib.suppress(asyncio.CancelledError, TimeoutError):
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5.0)
+
+
+def _sealer(settings: Settings) -> Sealer | None:
+    data = settings.data
+    return Sealer(data.keys, data.cipher, data.hash_key) if data.keys.strip() else None
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -220,6 +226,7 @@ def create_app(settings: Settings) -> web.Application:
         store=open_store(settings.database_url),
         metrics=metrics,
         openapi=yaml.safe_load(resources.openapi_path().read_text(encoding="utf-8")),
+        personal=_sealer(settings),
     )
     app = web.Application(middlewares=[errors], client_max_size=1024 * 1024)
     app[SERVICES] = services

@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from seckill import clock, keys
+from seckill import clock, keys, skus
 from seckill.breakers import BreakerOpen
 from seckill.catalog import Entry
 from seckill.errors import (
@@ -27,6 +27,7 @@ from seckill.errors import (
 from seckill.limits import retry_after_s
 from seckill.orders.record import OrderRecord
 from seckill.orders.store import StoreUnavailable
+from seckill.skus import OrderRequest
 from seckill.stock import Outcome, Payment, Release
 from seckill.web.bodies import parse_json, read_limited
 from seckill.web.middlewares import refusal
@@ -52,20 +53,6 @@ _REFUSALS: dict[Outcome, SeckillError] = {
     Outcome.LIMIT_REACHED: LimitReached(),
     Outcome.SOLD_OUT: _SOLD_OUT,
 }
-
-
-def _quantity(body: Any) -> int:
-    if not isinstance(body, dict):
-        raise InvalidRequest("body must be a JSON object")
-    unknown = sorted(set(body) - {"quantity"})
-    if unknown:
-        raise InvalidRequest(f"unknown field: {unknown[0]}")
-    if "quantity" not in body:
-        raise InvalidRequest("missing field: quantity")
-    quantity = body["quantity"]
-    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1:
-        raise InvalidRequest("quantity must be a positive integer")
-    return quantity
 
 
 async def _entry(services: Services, activity_id: str) -> Entry:
@@ -110,9 +97,9 @@ def _rate_limited(wait_s: float, burst: float) -> web.Response:
 async def create_order(request: web.Request) -> web.Response:
     """Reserve stock for the caller: checks in the contract's order, then one atomic script."""
     services = request.app[SERVICES]
-    user_id = services.users.user_id(request.headers.get("Authorization"))
+    user_id, tier = services.users.user(request.headers.get("Authorization"))
     raw = await read_limited(request, services.settings.server.max_body_bytes)
-    quantity = _quantity(parse_json(raw))
+    order = OrderRequest.parse(parse_json(raw))
     idempotency_key = request.headers.get("Idempotency-Key", "")
     if not keys.IDEMPOTENCY_KEY_PATTERN.fullmatch(idempotency_key):
         raise InvalidRequest("Idempotency-Key header must be 1-64 characters of [A-Za-z0-9_-]")
@@ -120,8 +107,7 @@ async def create_order(request: web.Request) -> web.Response:
     activity_id = request.match_info["activity_id"]
     entry = await _entry(services, activity_id)
     activity = entry.activity
-    if quantity > activity.per_user_limit:
-        raise InvalidRequest(f"quantity must be at most {activity.per_user_limit}")
+    terms = skus.with_address(skus.resolve(activity, order, tier), order.address, services.personal)
 
     switches = services.switches
     gate = switches.gate(activity_id)
@@ -133,7 +119,7 @@ async def create_order(request: web.Request) -> web.Response:
         wait = services.limits.admit(activity_id, rule, factor)
         if wait:
             gate = "rate_limited"
-    if entry.sold_out_for(user_id):
+    if entry.sold_out_for(user_id, terms.sku_id):
         # the storm's common case: no Redis round trip for a user who holds nothing here;
         # the answer is still the first that applies of switches, window, stock
         if gate == "rate_limited":
@@ -148,10 +134,11 @@ async def create_order(request: web.Request) -> web.Response:
                 activity_id,
                 user_id,
                 idempotency_key,
-                quantity,
+                order.quantity,
                 gate,
                 rule.redis_limits(factor),
                 request.remote or "",
+                terms,
             )
         )
     except BreakerOpen:
@@ -159,7 +146,9 @@ async def create_order(request: web.Request) -> web.Response:
         return refusal(_REDIS_DOWN)
     outcome = reservation.outcome
     if outcome is Outcome.OK:
-        services.catalog.note_reserved(activity_id, reservation.stock_left or 0)
+        services.catalog.note_reserved(
+            activity_id, reservation.stock_left or 0, terms.sku_id, reservation.sku_left
+        )
     if outcome in (Outcome.OK, Outcome.REPLAY):
         return _order_accepted(
             activity_id,
@@ -170,6 +159,10 @@ async def create_order(request: web.Request) -> web.Response:
         )
     if outcome is Outcome.SOLD_OUT:
         services.catalog.note_sold_out(activity_id)
+    if outcome in (Outcome.STALE, Outcome.UNKNOWN_SKU):
+        # this process's definition is older than Redis's: re-read it; the buyer retries
+        await services.catalog.reload(activity_id)
+        return refusal(Overloaded("the activity just changed, retry", retry_after=1))
     if reservation.gate == "rate_limited":
         if reservation.retry_after_ms:  # a Redis bucket (user or ip) refused it
             scope_burst = rule.user_burst if rule.user_rate_per_s else rule.ip_burst
@@ -193,7 +186,7 @@ async def get_activity(request: web.Request) -> web.Response:
     now = clock.now_ms()
     if switches.value(f"activity.{activity_id}.closed") is True:
         now = max(now, entry.activity.ends_at_ms)  # closed early: shown as ended
-    return web.json_response(entry.activity.public(now, entry.stock_left, paused))
+    return web.json_response(entry.activity.public(now, entry.stock_left, paused, entry.sku_left))
 
 
 @routes.get("/api/v1/orders/{order_id}", name="order_get")
@@ -202,7 +195,16 @@ async def get_order(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     user_id = services.users.user_id(request.headers.get("Authorization"))
     record = await _own_order(services, request.match_info["order_id"], user_id)
-    return web.json_response(record.public())
+    return web.json_response(_order_body(services, record))
+
+
+def _order_body(services: Services, record: OrderRecord) -> dict[str, Any]:
+    """The order as its owner sees it: the address decrypted, the phone masked."""
+    body = record.public()
+    if record.address:
+        sealer = services.personal
+        body["address"] = sealer.reveal(record.address, record.order_id) if sealer else None
+    return body
 
 
 async def _own_order(services: Services, order_id: str, user_id: str) -> OrderRecord:
@@ -231,7 +233,7 @@ async def cancel_order(request: web.Request) -> web.Response:
     if outcome is Release.NOT_CANCELLABLE:
         await _own_order(services, order_id, user_id)  # someone else's order stays a 404
         raise NotCancellable()
-    return web.json_response((await _own_order(services, order_id, user_id)).public())
+    return web.json_response(_order_body(services, await _own_order(services, order_id, user_id)))
 
 
 _PAYMENT_FIELDS = {"event_id", "order_id", "amount_cents", "status"}

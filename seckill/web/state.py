@@ -17,6 +17,7 @@ from seckill.events import Events
 from seckill.limits import Rules
 from seckill.metrics import Metrics, Shared
 from seckill.orders.store import OrderStore
+from seckill.personal import Sealer
 from seckill.scripts import Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
@@ -51,6 +52,8 @@ class Services:
     shared_metrics: Shared | None = None
     # `seckill up`: which background loops (writer, sweeper) run in this process right now
     loops: Callable[[], dict[str, bool]] | None = None
+    # seals and opens addresses on orders; None: no data key (orders with an address refused)
+    personal: Sealer | None = None
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)

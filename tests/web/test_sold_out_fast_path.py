@@ -95,6 +95,7 @@ async def test_returned_stock_clears_the_mark_without_any_message(
     # an item comes back behind the gateways' backs (no pub/sub event): the periodic
     # re-read must notice within refresh_interval_s and stop answering sold_out
     sync_redis.incrby(keys.stock(activity_id), 1)
+    sync_redis.hincrby(keys.sku_stock(activity_id), body["sku_id"], 1)  # and its SKU's counter
     await _until(lambda: catalog.entries()[activity_id].stock_left == 1)
     response = await _buy(client, settings, activity_id, "late", "k2")
     assert response.status == 202
