@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from seckill import __version__
 from seckill import settings as settings_module
@@ -56,6 +56,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
     settings = _with_listen(settings, args)
     _warn_dev_secrets(settings)
+    settings = _dev_data_keys(settings)
     embedded: EmbeddedRedis | None = None
     if not settings.redis.url:
         embedded = EmbeddedRedis(
@@ -70,6 +71,10 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         # ops tools started beside `up` (reconcile, flags) find this Redis through the file
         _url_file(settings).write_text(url + "\n", encoding="utf-8")
     try:
+        problem = _data_key_problem(settings)
+        if problem:
+            print(f"seckill: {problem}", file=sys.stderr)
+            return 2
         return server.serve(settings, 1, _announce, with_orders=True)
     finally:
         if embedded is not None:
@@ -93,6 +98,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         print("seckill: --workers must be 1..256", file=sys.stderr)
         return 2
     _warn_dev_secrets(settings)
+    problem = _data_key_problem(settings)
+    if problem:
+        print(f"seckill: {problem}", file=sys.stderr)
+        return 2
     return server.serve(settings, workers, _announce)
 
 
@@ -145,6 +154,10 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
     if resolved is None:
         return 2
     settings = resolved
+    problem = _data_key_problem(settings)
+    if problem:
+        print(f"seckill: {problem}", file=sys.stderr)
+        return 2
 
     async def run() -> None:
         async with _connected(settings) as (client, store):
@@ -248,11 +261,116 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
         print("seckill: --ttl must be a positive number of seconds", file=sys.stderr)
         return 2
     try:
-        print(UserAuth(settings.jwt.secret).mint(args.user_id, ttl))
+        print(UserAuth(settings.jwt.secret).mint(args.user_id, ttl, args.tier or ""))
     except ValueError as exc:
         print(f"seckill: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _dev_data_keys(settings: Settings) -> Settings:
+    """`seckill up` on a loopback host without data keys: a development key kept under var/."""
+    from seckill import personal
+
+    if settings.data.keys.strip() or settings.server.host not in _LOOPBACK:
+        return settings
+    keys_text = personal.dev_keys(settings.server.var_dir, settings.data.cipher)
+    log.warning(
+        "SECKILL_DATA_KEYS unset: personal data is encrypted with a development key kept in %s",
+        Path(settings.server.var_dir) / "data.keys",
+    )
+    return settings.replace("data", keys=keys_text)
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _data_key_problem(settings: Settings) -> str | None:
+    """Why this process must not start with its data keys (one line), or None.
+
+    Without keys no activity may require addresses; with keys, a key id that encrypted before
+    must still be the same key (its probe in Redis opens), else orders could never be read.
+    """
+    import redis
+
+    from seckill import keys, personal
+
+    client = redis.Redis.from_url(
+        settings.redis.url,
+        socket_timeout=settings.redis.socket_timeout_s,
+        socket_connect_timeout=settings.redis.connect_timeout_s,
+    )
+    try:
+        data = settings.data
+        if not data.keys.strip():
+            members: Any = client.smembers(keys.ACTIVITIES)
+            for member in sorted(members):
+                activity_id = member.decode()
+                if client.hget(keys.meta(activity_id), "requires_address") == b"1":
+                    return (
+                        f"activity {activity_id!r} requires addresses but no data key is set:"
+                        " set SECKILL_DATA_KEYS=kid:base64key (`seckill keys new KID` makes one)"
+                    )
+            return None
+        sealer = personal.Sealer(data.keys, data.cipher, data.hash_key)
+        probes: Any = client.hgetall(keys.DATA_KEY_CHECKS)
+        new, wrong = personal.check_probes(sealer, probes)
+        if wrong:
+            return (
+                f"SECKILL_DATA_KEYS: key {wrong[0]!r} is not the key that encrypted under that id"
+                " before (wrong key): orders sealed with it could not be read"
+            )
+        for kid, probe in new.items():
+            client.hsetnx(keys.DATA_KEY_CHECKS, kid, probe)
+        return None
+    except redis.RedisError as exc:
+        # unreachable Redis is not a key problem: the gateway starts and says 503 until it is back
+        log.warning("could not check data keys against Redis: %s", exc)
+        return None
+    finally:
+        client.close()
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """`keys new KID` prints a fresh key; `keys rotate` re-encrypts stored orders."""
+    import asyncio
+    import json
+
+    from seckill import personal
+    from seckill.orders.store import StoreUnavailable, open_store
+    from seckill.rotation import rotate
+
+    if args.action == "new":
+        try:
+            print(personal.new_key(args.kid, settings.data.cipher))
+        except personal.DataKeyError as exc:
+            print(f"seckill: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    data = settings.data
+    if not data.keys.strip():
+        print("seckill: keys rotate needs SECKILL_DATA_KEYS (the new key first)", file=sys.stderr)
+        return 2
+    if not 1 <= args.batch <= 10_000:
+        print("seckill: --batch must be 1..10000", file=sys.stderr)
+        return 2
+    sealer = personal.Sealer(data.keys, data.cipher, data.hash_key)
+
+    async def run() -> dict[str, object]:
+        store = open_store(settings.database_url)
+        try:
+            await store.migrate()
+            return await rotate(store, sealer, args.after, args.batch)
+        finally:
+            await store.close()
+
+    try:
+        summary = asyncio.run(run())
+    except StoreUnavailable as exc:
+        print(f"seckill: order store unavailable ({exc}); run again to resume", file=sys.stderr)
+        return 2
+    print(json.dumps(summary), flush=True)
+    return 0 if not summary["failed"] else 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -293,7 +411,19 @@ def parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="print a user JWT for testing")
     token.add_argument("user_id")
     token.add_argument("--ttl", type=int, help="seconds (default: jwt.default_ttl_s)")
+    token.add_argument("--tier", help="member tier claim (an activity's tiers give its terms)")
     token.set_defaults(run=cmd_token)
+
+    data_keys = commands.add_parser("keys", help="data keys of personal data on orders")
+    key_actions = data_keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rotate = key_actions.add_parser(
+        "rotate", help="re-encrypt stored orders under the first key (resumable, live-safe)"
+    )
+    rotate.add_argument("--after", default="", help="resume after this order id (the cursor)")
+    rotate.add_argument("--batch", type=int, default=500, help="orders per pass (default 500)")
+    new = key_actions.add_parser("new", help="print a fresh random kid:base64key")
+    new.add_argument("kid")
+    data_keys.set_defaults(run=cmd_keys)
     return root
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from seckill import keys
+from seckill import keys, skus
 from seckill.activities import Activity
 from seckill.orders.record import OrderRecord
 from seckill.orders.store import OrderStore
@@ -33,7 +33,8 @@ async def build(client: Redis, store: OrderStore, activity_id: str) -> dict[str,
     pipe.get(keys.stock(activity_id))
     pipe.hgetall(keys.holders(activity_id))
     pipe.hgetall(keys.orders(activity_id))
-    raw_counters, raw_stock, raw_holders, raw_orders = await pipe.execute()
+    pipe.hgetall(keys.sku_stock(activity_id))
+    raw_counters, raw_stock, raw_holders, raw_orders, raw_skus = await pipe.execute()
     counters = {k.decode(): int(v) for k, v in raw_counters.items()}
     available = int(raw_stock or 0)
     holders = {k.decode(): int(v) for k, v in raw_holders.items()}
@@ -47,7 +48,7 @@ async def build(client: Redis, store: OrderStore, activity_id: str) -> dict[str,
     reserved = counters.get("reserved", 0)
     paid = counters.get("paid", 0)
     created = counters.get("orders_created", 0)
-    problems: list[str] = []
+    sku_figures, problems = skus.problems(activity, raw_skus, counters, available)
 
     if initial != available + reserved + paid:
         problems.append(
@@ -64,7 +65,7 @@ async def build(client: Redis, store: OrderStore, activity_id: str) -> dict[str,
         by_status[record.status] += record.quantity
         if record.status in LIVE:
             live_by_user[record.user_id] += record.quantity
-    over = sorted(u for u, q in live_by_user.items() if q > activity.per_user_limit)
+    over = skus.over_limit(activity, records, live_by_user)
     if over:
         problems.append(f"{len(over)} users over the per-user limit, e.g. {over[0]!r}")
     if dict(live_by_user) != holders:
@@ -95,6 +96,7 @@ async def build(client: Redis, store: OrderStore, activity_id: str) -> dict[str,
         "orders_in_store": in_store,
         "orders_pending_write": created_backlog.total,
         "changes_pending_write": changes_backlog.total,
+        **({"skus": sku_figures} if activity.skus else {}),
         "consistent": not problems,
         "problems": problems,
     }

@@ -13,6 +13,7 @@ from typing import Any
 
 from seckill.activities import Activity
 from seckill.errors import Degraded, InvalidRequest
+from seckill.orders.record import OrderRecord
 from seckill.personal import Address, Sealer, parse_address
 
 _BODY_FIELDS = frozenset({"quantity", "sku_id", "address"})
@@ -126,21 +127,19 @@ def problems(
     found: list[str] = []
     for sku in activity.all_skus():
         initial = counters.get(f"initial:{sku.sku_id}", sku.stock)
-        available = on_sale.get(sku.sku_id, 0)
+        left = on_sale.get(sku.sku_id, 0)
         held = counters.get(f"held:{sku.sku_id}", 0)
         figures.append(
             {
                 "sku_id": sku.sku_id,
                 "initial_stock": initial,
-                "available": available,
+                "available": left,
                 "held": held,
                 "released": counters.get(f"released:{sku.sku_id}", 0),
             }
         )
-        if initial != available + held or available < 0 or held < 0:
-            found.append(
-                f"sku {sku.sku_id}: initial {initial} != available {available} + held {held}"
-            )
+        if initial != left + held or left < 0 or held < 0:
+            found.append(f"sku {sku.sku_id}: initial {initial} != available {left} + held {held}")
     unknown = sorted(set(on_sale) - {s.sku_id for s in activity.all_skus()})
     if unknown:
         found.append(f"stock counters for unknown SKUs, e.g. {unknown[0]}")
@@ -154,3 +153,15 @@ def problems(
     if sum(f["initial_stock"] for f in figures) != counters.get("initial_stock", activity.stock):
         found.append("skus: initial stocks do not add up to the activity's")
     return figures, found
+
+
+def over_limit(
+    activity: Activity, records: list[OrderRecord], live_by_user: Mapping[str, int]
+) -> list[str]:
+    """Users holding more than their limit (their tier's, as recorded on their orders)."""
+    tier_of = {r.user_id: r.tier for r in records if r.tier}
+    return sorted(
+        user
+        for user, quantity in live_by_user.items()
+        if quantity > activity.terms(tier_of.get(user)).per_user_limit
+    )
