@@ -1,4 +1,4 @@
-"""Addresses and phones: encrypted before the script, never in clear in Redis, the database or logs."""
+"""Addresses: sealed before the script, never in clear in Redis, the database or the logs."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ async def test_a_tier_buys_early_within_its_own_limit_at_its_price(
     assert status == 202, again
     status, over = await order(client, settings, activity_id, "member", "gold", 1, "c")
     assert (status, over["error"]["code"]) == (409, "limit_reached"), "the tier's limit is 3"
-    status, too_many = await order(client, settings, activity_id, "other", "gold", 4, "d")
+    status, _ = await order(client, settings, activity_id, "other", "gold", 4, "d")
     assert status == 400, "quantity above the tier's limit is a bad request"
 
     # no tier, or a tier the activity does not list: the defaults (not open for an hour)
