@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from seckill.activities import Activity
-from seckill.errors import Degraded, InvalidRequest
+from seckill.errors import InvalidRequest
 from seckill.orders.record import OrderRecord
 from seckill.personal import Address, Sealer, parse_address
 
@@ -100,8 +100,8 @@ def with_address(terms: OrderTerms, address: Address | None, sealer: Sealer | No
     if address is None:
         return terms
     if sealer is None:
-        # a server-side gap, not the buyer's mistake: refuse rather than store it in clear
-        raise Degraded("orders with an address cannot be accepted now (no data key)")
+        # never stored in clear: without a data key this gateway takes no addresses at all
+        raise InvalidRequest("this gateway accepts no address (no data key is configured)")
     return replace(
         terms,
         address_hash=sealer.hash(address),

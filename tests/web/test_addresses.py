@@ -250,5 +250,5 @@ async def test_without_a_data_key_no_address_is_taken(
         json={"quantity": 1, "address": address(1)},
         headers=user_headers(settings, "u", "k"),
     )
-    assert answer.status == 503
+    assert answer.status == 400
     assert sync_redis.hlen(keys.orders(body["id"])) == 0
