@@ -150,3 +150,19 @@ def test_token_command_carries_the_tier(capsys: Any, monkeypatch: Any) -> None:
     token = capsys.readouterr().out.strip()
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["sub"] == "alice" and claims["tier"] == "gold"
+
+
+async def test_terms_from_a_replaced_definition_are_refused_not_sold(
+    client: Client, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    activity_id = await create(client, settings)
+    # the definition in Redis changes behind this gateway's cached copy
+    sync_redis.hset(keys.meta(activity_id), "version", "another-definition")
+    response = await client.post(
+        f"/api/v1/activities/{activity_id}/orders",
+        json={"quantity": 1},
+        headers=tier_headers(settings, "member", "gold"),
+    )
+    assert response.status == 503 and "Retry-After" in response.headers
+    assert sync_redis.hlen(keys.orders(activity_id)) == 0, "nothing sold under stale terms"
+    assert int(sync_redis.get(keys.stock(activity_id))) == 10
