@@ -1,10 +1,11 @@
 -- wrk script: POST an order with a different user token and Idempotency-Key each request.
--- Environment: SECKILL_TOKENS (file of "Bearer <jwt>" lines), SECKILL_PATH (order URL path).
+-- Environment: SECKILL_TOKENS (file of "Bearer <jwt>" lines), SECKILL_PATH (order URL path),
+-- SECKILL_BODY (optional: the order body, default {"quantity": 1}).
 local tokens = {}
 local counter = 0
 local thread_id = 0
 local path = os.getenv("SECKILL_PATH")
-local body = '{"quantity": 1}'
+local body = os.getenv("SECKILL_BODY") or '{"quantity": 1}'
 
 function setup(thread)
   thread_id = thread_id + 1
