@@ -267,7 +267,7 @@ class Activity:
                     "per_user_limit": terms.per_user_limit,
                     "price_cents": terms.price_cents,
                 }
-                for name, tier in sorted(self.tiers.items())
+                for name in sorted(self.tiers)
                 for terms in [self.terms(name)]
             }
         if self.requires_address:

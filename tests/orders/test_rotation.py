@@ -153,3 +153,12 @@ def test_serve_with_a_malformed_key_exits_with_one_line(settings: Settings) -> N
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "SECKILL_DATA_KEYS" in done.stderr
+
+
+def test_up_on_loopback_keeps_a_development_key(settings: Settings) -> None:
+    first = cli._dev_data_keys(settings)
+    assert first.data.keys.startswith("dev1:")
+    assert cli._dev_data_keys(settings).data.keys == first.data.keys, "kept, not remade"
+    personal.Sealer(first.data.keys)  # usable as it is
+    public = settings.replace("server", host="0.0.0.0")
+    assert cli._dev_data_keys(public).data.keys == "", "never made up for a public listener"

@@ -80,6 +80,14 @@ async def test_a_tier_buys_early_within_its_own_limit_at_its_price(
     seen = await shown.json()
     assert seen["price_cents"] == MEMBER_PRICE and seen["tier"] == "gold"
 
+    # the report holds each user to their own tier's limit: 3 units for gold is within it
+    report = await client.get(
+        f"/admin/v1/activities/{activity_id}/report", headers=admin_headers(settings)
+    )
+    assert (await report.json())["consistent"], await report.text()
+    shown = await (await client.get(f"/api/v1/activities/{activity_id}")).json()
+    assert shown["state"] == "upcoming" and shown["tiers"]["gold"]["price_cents"] == MEMBER_PRICE
+
 
 async def _notify(
     client: Client, settings: Settings, order_id: str, event_id: str, amount: int
