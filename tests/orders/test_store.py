@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from seckill.orders.record import OrderRecord
 from seckill.orders.store import Batch, OrderStore, PaymentEvent, Transition
@@ -94,3 +95,37 @@ async def test_migrate_is_idempotent(store: OrderStore) -> None:
     await store.migrate()
     await store.write(Batch(created=[_order(1)]))
     assert await store.count("act") == 1
+
+
+async def test_schema_2_keeps_orders_stored_before_it(tmp_path: Any) -> None:
+    """Invariant: upgrading a version-1 database keeps every row, with the defaults of
+    an order from before SKUs (no SKU, the activity's price, no tier, no address)."""
+    import sqlite3
+
+    from seckill.orders import store as sql
+    from seckill.orders.sqlite import SqliteStore
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    for statement in sql.SCHEMA[0]:
+        db.execute(statement)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version (version) VALUES (1)")
+    db.execute(
+        "INSERT INTO orders (order_id, activity_id, user_id, quantity, status, created_at_ms,"
+        " expires_at_ms, paid_at_ms) VALUES ('act.00000000000000000001', 'act', 'u', 1,"
+        " 'reserved', 1, 2, 0)"
+    )
+    db.commit()
+    db.close()
+    upgraded = SqliteStore(str(path))
+    try:
+        await upgraded.migrate()
+        old = await upgraded.order("act.00000000000000000001")
+        assert old == OrderRecord("act.00000000000000000001", "act", "u", 1, "reserved", 1, 2, 0)
+        assert old is not None and (old.sku_id, old.price_cents, old.address) == ("", -1, "")
+        fresh = replace(_order(5), sku_id="s", price_cents=700, tier="gold", address="x:y:z")
+        await upgraded.write(Batch(created=[fresh]))
+        assert await upgraded.order(fresh.order_id) == fresh
+    finally:
+        await upgraded.close()
