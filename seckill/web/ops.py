@@ -1,36 +1,57 @@
-"""Operational endpoints: liveness, readiness, metrics, the OpenAPI description."""
+"""Operational endpoints: liveness, readiness, metrics, the OpenAPI description.
+
+The probes (/healthz, /readyz, /metrics) are served on the public port, or, with
+``[server] ops_port``, only on a separate internal listener (app.create_ops_app).
+"""
 
 from __future__ import annotations
+
+import time
 
 from aiohttp import web
 
 from seckill.scripts import CONNECTION_ERRORS
 from seckill.web.middlewares import error_response
-from seckill.web.state import SERVICES
+from seckill.web.state import SERVICES, Services
 
 routes = web.RouteTableDef()
+probes = web.RouteTableDef()
+
+# a probe storm (or a scrape per second from each of many pollers) costs Redis at most this
+_READY_CACHE_S = 1.0
 
 
-@routes.get("/healthz", name="healthz")
+@probes.get("/healthz", name="healthz")
 async def healthz(request: web.Request) -> web.Response:
     """Alive: the event loop answers."""
     return web.json_response({"status": "ok"})
 
 
-@routes.get("/readyz", name="readyz")
-async def readyz(request: web.Request) -> web.Response:
-    """Ready: Redis answers and holds every script."""
-    services = request.app[SERVICES]
+async def ready(services: Services) -> bool:
+    """Redis answers and holds every script; the answer is reused for a second."""
+    now = time.monotonic()
+    if now - services.ready_checked_at < _READY_CACHE_S:
+        return services.ready
     try:
         await services.redis.ping()
         if not await services.scripts.loaded(services.redis):
             await services.scripts.load(services.redis)
+        services.ready = True
     except CONNECTION_ERRORS:
+        services.ready = False
+    services.ready_checked_at = time.monotonic()
+    return services.ready
+
+
+@probes.get("/readyz", name="readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: Redis answers and holds every script (checked at most once a second)."""
+    if not await ready(request.app[SERVICES]):
         return error_response(503, "overloaded", "not ready: Redis is unreachable")
     return web.json_response({"status": "ready"})
 
 
-@routes.get("/metrics", name="metrics")
+@probes.get("/metrics", name="metrics")
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition."""
     services = request.app[SERVICES]

@@ -48,6 +48,9 @@ class Services:
     shed: int = 0
     http: aiohttp.ClientSession | None = None
     shared_metrics: Shared | None = None
+    # /readyz's last Redis probe (monotonic time, result): reused for a second
+    ready_checked_at: float = -1e9
+    ready: bool = False
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
