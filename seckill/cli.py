@@ -95,9 +95,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     if _loopback(settings.server.host):
         # one command on a laptop: the published secrets are fine where nobody else can reach
         if _published_secret(settings) is not None:
-            log.warning(
-                "development mode: listening on loopback only, published secrets allowed"
-            )
+            log.warning("development mode: listening on loopback only, published secrets allowed")
     elif _refuse_published_secrets(settings, "up"):
         return 2
     server.raise_open_files_limit()

@@ -6,6 +6,7 @@ The probes (/healthz, /readyz, /metrics) are served on the public port, or, with
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
@@ -28,19 +29,25 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def ready(services: Services) -> bool:
-    """Redis answers and holds every script; the answer is reused for a second."""
-    now = time.monotonic()
-    if now - services.ready_checked_at < _READY_CACHE_S:
-        return services.ready
+    """Redis answers and holds every script; one probe at a time, its answer kept a second."""
+    probe = services.ready_probe
+    stale = time.monotonic() - services.ready_checked_at >= _READY_CACHE_S
+    if probe is None or (probe.done() and stale):
+        probe = services.ready_probe = asyncio.ensure_future(_probe(services))
+    # shielded: a caller that goes away does not cancel the probe the others wait on
+    return await asyncio.shield(probe)
+
+
+async def _probe(services: Services) -> bool:
     try:
         await services.redis.ping()
         if not await services.scripts.loaded(services.redis):
             await services.scripts.load(services.redis)
-        services.ready = True
+        answer = True
     except CONNECTION_ERRORS:
-        services.ready = False
+        answer = False
     services.ready_checked_at = time.monotonic()
-    return services.ready
+    return answer
 
 
 @probes.get("/readyz", name="readyz")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +49,9 @@ class Services:
     shed: int = 0
     http: aiohttp.ClientSession | None = None
     shared_metrics: Shared | None = None
-    # /readyz's last Redis probe (monotonic time, result): reused for a second
+    # /readyz's Redis probe (one at a time) and when it finished: its answer serves a second
+    ready_probe: asyncio.Future[bool] | None = None
     ready_checked_at: float = -1e9
-    ready: bool = False
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
