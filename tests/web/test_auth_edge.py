@@ -185,7 +185,10 @@ def test_the_cli_and_its_log_redact_url_passwords(tmp_path: Path) -> None:
     record = logging.LogRecord(
         "seckill", logging.ERROR, __file__, 1, "cannot reach %s", ("redis://a:hunter2@h/0",), None
     )
-    assert _Redacting(logging.Formatter("%(message)s")).format(record) == "cannot reach redis://a:***@h/0"
+    assert (
+        _Redacting(logging.Formatter("%(message)s")).format(record)
+        == "cannot reach redis://a:***@h/0"
+    )
 
 
 async def test_an_unexpected_error_logs_one_escaped_line_and_few_tracebacks(
