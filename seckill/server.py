@@ -392,10 +392,18 @@ async def _drain(site: web.TCPSite, services: Services, timeout_s: float) -> Non
     services.draining = True
     deadline = asyncio.get_running_loop().time() + timeout_s
     # polled, not an Event: the request path stays a bare integer increment
-    while services.in_flight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+    # a request still receiving its body started before the signal: it is finished too
+    # (bounded by the body deadline), though it never counted for load shedding
+    while (  # noqa: ASYNC110
+        services.in_flight or services.receiving
+    ) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.01)
-    if services.in_flight:
-        log.warning("%d requests still in flight after %.1fs", services.in_flight, timeout_s)
+    if services.in_flight or services.receiving:
+        log.warning(
+            "%d requests still in flight after %.1fs",
+            services.in_flight + services.receiving,
+            timeout_s,
+        )
 
 
 def _worker(settings: Settings) -> None:

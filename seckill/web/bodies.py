@@ -33,11 +33,14 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
         if len(raw) > limit:
             raise PayloadTooLarge(f"body over {limit} bytes")
     else:
+        services.receiving += 1
         try:
             async with asyncio.timeout(services.settings.server.body_timeout_s):
                 raw = await _read_to_end(content, limit)
         except TimeoutError:
             raise RequestTimeout() from None
+        finally:
+            services.receiving -= 1
     if not request.get(COUNTED, False) and request.body_exists:
         request[COUNTED] = True
         services.in_flight += 1

@@ -49,6 +49,8 @@ class Services:
     shed: int = 0
     http: aiohttp.ClientSession | None = None
     shared_metrics: Shared | None = None
+    # requests waiting for the rest of their body (not in flight; the drain waits for them)
+    receiving: int = 0
     # /readyz's Redis probe (one at a time) and when it finished: its answer serves a second
     ready_probe: asyncio.Future[bool] | None = None
     ready_checked_at: float = -1e9
