@@ -29,10 +29,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def ready(services: Services) -> bool:
-    """Redis answers and holds every script; one probe at a time, its answer kept a second."""
+    """Redis answers and holds every script; one probe at a time, a "ready" kept a second.
+
+    A "not ready" is not kept: the next caller probes again (still one probe at a time), so
+    readiness comes back the moment Redis does.
+    """
     probe = services.ready_probe
     stale = time.monotonic() - services.ready_checked_at >= _READY_CACHE_S
-    if probe is None or (probe.done() and stale):
+    if probe is None or (probe.done() and (stale or not probe.result())):
         probe = services.ready_probe = asyncio.ensure_future(_probe(services))
     # shielded: a caller that goes away does not cancel the probe the others wait on
     return await asyncio.shield(probe)
