@@ -134,7 +134,7 @@ async def test_beyond_max_in_flight_requests_are_shed_at_once(settings: Settings
                 for _ in range(2)
             ]
             deadline = time.monotonic() + 20
-            while services.in_flight < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
+            while services.in_flight < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             assert services.in_flight == 2
             shed = await client.post(
@@ -163,7 +163,7 @@ async def test_beyond_max_in_flight_requests_are_shed_at_once(settings: Settings
                 )
                 for n in range(3)
             ]
-            while services.receiving < 3 and time.monotonic() < deadline:  # noqa: ASYNC110
+            while services.receiving < 3 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             assert services.receiving == 3 and services.in_flight == 0
             after = await client.post(
