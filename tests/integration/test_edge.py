@@ -418,3 +418,42 @@ def test_the_ops_listener_serves_metrics_and_readyz_instead_of_the_public_port(
             assert b"seckill_connections_open" in r.read()
     finally:
         _stop(started)
+
+
+async def test_connections_are_capped_per_address_and_in_total(tmp_path: Path) -> None:
+    started = _start_up(
+        tmp_path,
+        {
+            "SECKILL_SERVER_MAX_CONNECTIONS_PER_PEER": "4",
+            "SECKILL_SERVER_MAX_CONNECTIONS": "6",
+            "SECKILL_SERVER_HEADER_TIMEOUT_S": "60",
+        },
+    )
+    ping = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async def connect(source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(started.host, started.port, local_addr=(source, 0))
+
+    async def answered(pair: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> bool:
+        reader, writer = pair
+        writer.write(ping)
+        try:
+            async with asyncio.timeout(30):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError):
+            return False
+        return head.startswith(b"HTTP/1.1 200")
+
+    try:
+        first = [await connect("127.0.0.1") for _ in range(4)]
+        over_peer = await connect("127.0.0.1")
+        assert not await answered(over_peer), "a fifth connection from one address is closed"
+        second = [await connect("127.0.0.2") for _ in range(2)]
+        over_total = await connect("127.0.0.2")
+        assert not await answered(over_total), "a seventh connection in all is closed"
+        for pair in first + second:
+            assert await answered(pair), "the connections within the caps are served"
+        for _, writer in [*first, *second, over_peer, over_total]:
+            writer.close()
+    finally:
+        _stop(started)
