@@ -221,6 +221,25 @@ async def test_half_sent_headers_are_closed_by_the_header_deadline(gateway: Gate
     assert 'reason="header_timeout"' in gateway.metrics()
 
 
+async def test_an_idle_keep_alive_connection_is_closed_by_the_keepalive_deadline(
+    gateway: Gateway,
+) -> None:
+    idle = []
+    for n in range(20):
+        reader, writer = await _open(gateway)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"close" not in head.lower()
+        if n % 2:  # half of them start a second request and never finish its headers
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half: ")
+        idle.append((reader, writer))
+    # aiohttp's default would keep them for an hour: the configured 2 s closes every one
+    rest = await asyncio.gather(*(_answer(reader, 30.0) for reader, _ in idle))
+    assert all(_status(answer) == 0 for answer in rest)
+    for _, writer in idle:
+        writer.close()
+
+
 async def _flood(gateway: Gateway, shape: int) -> bytes:
     """One request with ~1 MB of headers: many small fields, or few near the field limit."""
     reader, writer = await _open(gateway)
