@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from seckill import __version__
+from seckill import __version__, resources
 from seckill import settings as settings_module
 from seckill.auth import UserAuth
 from seckill.embedded import EmbeddedRedis, EmbeddedRedisError
-from seckill.settings import Settings, SettingsError
+from seckill.settings import Settings, SettingsError, redact
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -39,14 +41,49 @@ def _with_listen(settings: Settings, args: argparse.Namespace) -> Settings:
     return settings.replace("server", **changes) if changes else settings
 
 
-def _warn_dev_secrets(settings: Settings) -> None:
-    for name, value in (
-        ("SECKILL_JWT_SECRET", settings.jwt.secret),
-        ("SECKILL_ADMIN_TOKEN", settings.admin.token),
-        ("SECKILL_PAYMENT_SECRET", settings.payment.secret),
+# outside development every secret is at least this long (HS256 key strength)
+_SECRET_MIN = 32
+
+
+def _published_secret(settings: Settings) -> str | None:
+    """The first secret that is a published development value or too short, as a message."""
+    published = settings_module.load(resources.config_path(), environ={})
+    for key, value, default in (
+        ("jwt.secret", settings.jwt.secret, published.jwt.secret),
+        ("admin.token", settings.admin.token, published.admin.token),
+        ("payment.secret", settings.payment.secret, published.payment.secret),
     ):
-        if value.startswith("dev-only-"):
-            log.warning("%s is the built-in development value: set it before a real sale", name)
+        env = "SECKILL_" + key.replace(".", "_").upper()
+        if value.startswith("dev-only-") or value == default:
+            return f"{key} ({env}) is the published development value"
+        if len(value) < _SECRET_MIN:
+            return f"{key} ({env}) is shorter than {_SECRET_MIN} characters"
+    return None
+
+
+def _refuse_published_secrets(settings: Settings, command: str) -> bool:
+    """True (and one line on stderr) when ``command`` must not start with these secrets."""
+    problem = _published_secret(settings)
+    if problem is None:
+        return False
+    if os.environ.get("SECKILL_DEV") == "1":
+        log.warning("development mode (SECKILL_DEV=1): %s", problem)
+        return False
+    print(
+        f"seckill: {command} refuses to start: {problem}; set a real secret "
+        "(or SECKILL_DEV=1 for development)",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
@@ -55,7 +92,13 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from seckill import server
 
     settings = _with_listen(settings, args)
-    _warn_dev_secrets(settings)
+    if _loopback(settings.server.host):
+        # one command on a laptop: the published secrets are fine where nobody else can reach
+        if _published_secret(settings) is not None:
+            log.warning("development mode: listening on loopback only, published secrets allowed")
+    elif _refuse_published_secrets(settings, "up"):
+        return 2
+    server.raise_open_files_limit()
     embedded: EmbeddedRedis | None = None
     if not settings.redis.url:
         embedded = EmbeddedRedis(
@@ -92,7 +135,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     if not 1 <= workers <= 256:
         print("seckill: --workers must be 1..256", file=sys.stderr)
         return 2
-    _warn_dev_secrets(settings)
+    if _refuse_published_secrets(settings, "serve"):
+        return 2
+    server.raise_open_files_limit()
     return server.serve(settings, workers, _announce)
 
 
@@ -141,6 +186,8 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
     from seckill.metrics import Metrics
     from seckill.orders.service import OrderService
 
+    if _refuse_published_secrets(settings, "writer"):
+        return 2
     resolved = _redis_settings(settings)
     if resolved is None:
         return 2
@@ -190,7 +237,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     try:
         body = asyncio.run(run())
     except (StoreUnavailable, *CONNECTION_ERRORS) as exc:  # type: ignore[misc]
-        print(f"seckill: cannot reconcile: {exc}", file=sys.stderr)
+        print(f"seckill: cannot reconcile: {redact(str(exc))}", file=sys.stderr)
         return 2
     if body is None:
         print(f"seckill: no activity {args.activity_id!r}", file=sys.stderr)
@@ -236,7 +283,7 @@ def cmd_flags(settings: Settings, args: argparse.Namespace) -> int:
         print(f"seckill: {exc.message}", file=sys.stderr)
         return 2
     except CONNECTION_ERRORS as exc:
-        print(f"seckill: Redis unreachable: {exc}", file=sys.stderr)
+        print(f"seckill: Redis unreachable: {redact(str(exc))}", file=sys.stderr)
         return 1
     return 0
 
@@ -244,8 +291,11 @@ def cmd_flags(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     """Print a user JWT signed with the configured secret."""
     ttl = args.ttl if args.ttl is not None else settings.jwt.default_ttl_s
-    if ttl <= 0:
-        print("seckill: --ttl must be a positive number of seconds", file=sys.stderr)
+    if not 0 < ttl <= settings.jwt.max_lifetime_s:
+        print(
+            f"seckill: --ttl must be 1..{settings.jwt.max_lifetime_s} seconds (jwt.max_lifetime_s)",
+            file=sys.stderr,
+        )
         return 2
     try:
         print(UserAuth(settings.jwt.secret).mint(args.user_id, ttl))
@@ -297,6 +347,17 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+class _Redacting(logging.Formatter):
+    """Every log line (tracebacks included) with URL passwords replaced by ***."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self._inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self._inner.format(record))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -304,11 +365,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_Redacting(handler.formatter))
     try:
         settings = settings_module.load()
         code: int = args.run(settings, args)
     except SettingsError as exc:
-        print(f"seckill: {exc}", file=sys.stderr)
+        print(f"seckill: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0

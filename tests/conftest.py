@@ -71,6 +71,7 @@ def live_gateway(
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
     env["SECKILL_REDIS_URL"] = redis_server.url
+    env["SECKILL_DEV"] = "1"  # the published secrets are for tests like this one
     process = subprocess.Popen(
         [sys.executable, "-m", "seckill", "serve", "--port", str(port)],
         env=env,

@@ -91,6 +91,7 @@ def _writer_process(redis_url: str, database_url: str, cwd: Path) -> subprocess.
         SECKILL_WRITER_BATCH_SIZE="200",
         SECKILL_WRITER_BLOCK_MS="100",
         SECKILL_WRITER_CLAIM_IDLE_MS="1000",
+        SECKILL_DEV="1",  # the published secrets are for tests like this one
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "seckill", "writer"],
