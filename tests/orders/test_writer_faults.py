@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -535,3 +536,91 @@ async def test_a_payment_is_written_while_5000_orders_wait(
 async def _is_paid(store: OrderStore, order_id: str) -> bool:
     order = await store.order(order_id)
     return order is not None and order.status == "paid"
+
+
+# -- acknowledgements and names ----------------------------------------------------------------
+
+
+class _RefuseWritesAfterCommit(OrderStore):
+    """A real store; after its first commit Redis starts refusing writes (NOREPLICAS), so the
+    batch's XACK meets the fault exactly between commit and acknowledgement."""
+
+    def __init__(self, inner: OrderStore, redis: Redis) -> None:
+        self.inner = inner
+        self.redis = redis
+        self.tripped = False
+
+    async def migrate(self) -> None:
+        await self.inner.migrate()
+
+    async def write(self, batch: Any) -> Any:
+        result = await self.inner.write(batch)
+        if not self.tripped:
+            self.tripped = True
+            await self.redis.config_set("min-replicas-to-write", 1)
+        return result
+
+    async def order(self, order_id: str) -> Any:
+        return await self.inner.order(order_id)
+
+    async def count(self, activity_id: str) -> int:
+        return await self.inner.count(activity_id)
+
+    async def statuses(self, activity_id: str) -> dict[str, str]:
+        return await self.inner.statuses(activity_id)
+
+    async def history(self, order_id: str) -> list[tuple[str, str, str, int]]:
+        return await self.inner.history(order_id)
+
+    async def payments(self, order_id: str) -> list[tuple[str, str]]:
+        return await self.inner.payments(order_id)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_batch_committed_while_redis_refuses_is_acknowledged_when_it_is_back(
+    redis: Redis, stock: Stock, pg_store: OrderStore
+) -> None:
+    """Invariant: the XACK of a committed batch is kept in memory and sent first when Redis
+    takes writes again; the batch is not lost, and not written twice."""
+    await _activity(stock, "ackw", 500)
+    accepted = await _buy(stock, "ackw", 0, 200)
+    hooked = _RefuseWritesAfterCommit(pg_store, redis)
+    writer = Writer(redis, hooked, FAST, "w-ack")
+    stream = keys.stream("ackw")
+    try:
+        async with running(writer):
+            await _wait(lambda: _deferred(writer), 20, "an acknowledgement to be refused")
+            assert await pg_store.count("ackw") > 0, "the batch was committed"
+            pending: Any = await redis.xpending(stream, GROUP)
+            assert pending["pending"] > 0, "and is still pending in Redis"
+            await redis.config_set("min-replicas-to-write", 0)
+            await _wait(lambda: _settled(redis, "ackw"), 30, "the deferred acknowledgement")
+    finally:
+        await redis.config_set("min-replicas-to-write", 0)
+    await _stored_exactly(pg_store, "ackw", accepted)
+    assert writer.stats.inserted == len(accepted), "nothing inserted twice"
+
+
+async def _deferred(writer: Writer) -> bool:
+    return writer.stats.acks_deferred > 0
+
+
+async def test_default_consumer_names_are_stable_and_distinct(redis: Redis) -> None:
+    """Invariant: writers on one host get distinct names (<host>, <host>-1, …), and a writer
+    restarted after a crash gets its old name back at once (its holder's pid is gone)."""
+    from seckill.orders.claims import ConsumerSlot
+
+    first = ConsumerSlot(redis)
+    second = ConsumerSlot(redis)
+    assert await first.claim() == first.host
+    assert await second.claim() == f"{first.host}-1"
+    # a crashed writer of another process held <host>-2: its pid no longer runs
+    await redis.set(keys.writer_consumer(f"{first.host}-2"), "999999999:gone", ex=30)
+    # a live writer of another process (our parent) holds <host>-3
+    await redis.set(keys.writer_consumer(f"{first.host}-3"), f"{os.getppid()}:alive", ex=30)
+    assert await ConsumerSlot(redis).claim() == f"{first.host}-2"
+    assert await ConsumerSlot(redis).claim() == f"{first.host}-4"
+    await first.release()
+    assert await ConsumerSlot(redis).claim() == first.host, "a clean stop gives the name back"
