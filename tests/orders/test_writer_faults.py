@@ -624,3 +624,33 @@ async def test_default_consumer_names_are_stable_and_distinct(redis: Redis) -> N
     assert await ConsumerSlot(redis).claim() == f"{first.host}-4"
     await first.release()
     assert await ConsumerSlot(redis).claim() == first.host, "a clean stop gives the name back"
+
+
+async def test_trimming_while_another_writer_acknowledges_does_not_raise(
+    redis_url: str, redis: Redis
+) -> None:
+    """Invariant: trimming reads the group, then the oldest pending entry; another writer
+    acknowledging everything in between (XPENDING's min is then nil) neither raises nor trims
+    anything unacknowledged."""
+    from seckill.orders.streams import ensure_group, trim_persisted
+
+    stream = keys.stream("race")
+    await ensure_group(redis, stream)
+    ids = [await redis.xadd(stream, {"o": str(n)}) for n in range(10)]
+    await redis.xreadgroup(GROUP, "other", {stream: ">"}, count=5)
+
+    class AcksFirst(Redis):
+        """A real client whose XPENDING comes just after another writer acknowledged all."""
+
+        async def xpending(self, name: Any, groupname: Any) -> Any:
+            await redis.xack(stream, GROUP, *ids[:5])
+            return await super().xpending(name, groupname)
+
+    racing = AcksFirst.from_url(redis_url)
+    try:
+        trimmed = await trim_persisted(racing, stream)
+    finally:
+        await racing.aclose()
+    assert trimmed == 4, "below the last delivered entry, as the first reading allowed"
+    remaining: Any = await redis.xrange(stream)
+    assert [entry_id for entry_id, _ in remaining] == ids[4:]
