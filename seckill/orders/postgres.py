@@ -47,7 +47,8 @@ def classify(exc: BaseException) -> Exception | None:
         state = str(getattr(exc, "sqlstate", "") or "")
         if state[:2] in ENTRY_CLASSES:
             return EntryRejected(f"{state}: {exc}")
-        return StoreUnavailable(f"{state}: {exc}")
+        # a statement timeout may be the batch's size against the configured timeout
+        return StoreUnavailable(f"{state}: {exc}", smaller_may_pass=state == "57014")
     if isinstance(exc, ClientDataError):
         # a value asyncpg could not encode (client side): that entry's data
         return EntryRejected(str(exc))

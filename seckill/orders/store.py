@@ -28,8 +28,13 @@ class StoreUnavailable(Exception):
     """The database is away (unreachable, read-only, timed out, locked, deadlocked): retry later.
 
     Never the fault of the entries being written: the writer retries the same batch in memory
-    and counts nothing against them.
+    and counts nothing against them. ``smaller_may_pass`` marks a refusal by size (a statement
+    timeout): the writer may then retry the batch in halves, still counting nothing.
     """
+
+    def __init__(self, message: str = "", *, smaller_may_pass: bool = False) -> None:
+        super().__init__(message)
+        self.smaller_may_pass = smaller_may_pass
 
 
 class EntryRejected(Exception):

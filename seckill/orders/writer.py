@@ -136,6 +136,9 @@ class Writer:
         self.attempts: dict[tuple[str, str], int] = {}
         # stream -> ids committed to the store whose XACK Redis has not taken yet
         self._unacked: dict[str, set[str]] = defaultdict(set)
+        # rows per transaction: batch_size, less after batches timed out by their size
+        self._rows_cap = self.config.batch_size
+        self._rows_cap_passed = 0
         # Redis faults of the current streak, by kind: logged once, then counted
         self.faults: Counter[str] = Counter()
 
@@ -300,12 +303,21 @@ class Writer:
             return
         await self._bucket.take(len(decoded))
         with contextlib.suppress(StoreUnavailable):  # stopping while the store is away
-            await self._store(decoded, stop)
+            for start in range(0, len(decoded), self._rows_cap):
+                await self._store(decoded[start : start + self._rows_cap], stop)
 
     async def _store(self, pairs: list[tuple[Entry, Item]], stop: asyncio.Event) -> None:
         """One transaction; on EntryRejected, halves until the entries refused alone are found."""
         try:
             result = await self._write([item for _, item in pairs], stop)
+        except _TooBig:
+            # remember the size that passes, so the next batches do not time out first
+            self._rows_cap = max(1, len(pairs) // 2)
+            self._rows_cap_passed = 0
+            middle = len(pairs) // 2
+            await self._store(pairs[:middle], stop)
+            await self._store(pairs[middle:], stop)
+            return
         except EntryRejected as exc:
             if len(pairs) == 1:
                 await self._refused(pairs[0][0], exc)
@@ -317,6 +329,11 @@ class Writer:
             return
         self.stats.batches += 1
         self.stats.rows += len(pairs)
+        if len(pairs) >= self._rows_cap and self._rows_cap < self.config.batch_size:
+            self._rows_cap_passed += 1
+            if self._rows_cap_passed >= 10:  # the database took it 10 times: try bigger
+                self._rows_cap = min(self.config.batch_size, self._rows_cap * 2)
+                self._rows_cap_passed = 0
         self.stats.inserted += result.inserted
         illegal = {id(change) for change in result.illegal}
         stored = [entry for entry, item in pairs if id(item) not in illegal]
@@ -331,6 +348,7 @@ class Writer:
     async def _write(self, items: list[Item], stop: asyncio.Event) -> WriteResult:
         """One store transaction, retried with backoff while the database is away."""
         delay = 0.05
+        timeouts = 0
         while True:
             try:
                 return await self.breaker.call(lambda: self.store.write(batch_of(items)))
@@ -338,6 +356,12 @@ class Writer:
                 self.stats.store_failures += isinstance(exc, StoreUnavailable)
                 if stop.is_set():
                     raise StoreUnavailable(str(exc)) from exc
+                if isinstance(exc, StoreUnavailable) and exc.smaller_may_pass:
+                    timeouts += 1
+                    # a batch timing out again and again may just be too big for the
+                    # database's statement timeout: halves (nothing counted against entries)
+                    if timeouts >= 3 and len(items) > 1:
+                        raise _TooBig() from exc
                 log.warning("order store away (%s); retrying in %.2fs", exc, delay)
                 await self._pause(stop, delay)
                 delay = min(delay * 2, self.config.backoff_max_s)
@@ -407,6 +431,10 @@ class Writer:
     async def _trim(self) -> None:
         for stream in self.intake.streams:
             self.stats.trimmed += await trim_persisted(self.client, stream)
+
+
+class _TooBig(Exception):
+    """A batch timed out repeatedly: write it in halves."""
 
 
 def _illegal_reason(result: WriteResult, item: Item) -> str:

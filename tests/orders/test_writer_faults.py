@@ -654,3 +654,41 @@ async def test_trimming_while_another_writer_acknowledges_does_not_raise(
     assert trimmed == 4, "below the last delivered entry, as the first reading allowed"
     remaining: Any = await redis.xrange(stream)
     assert [entry_id for entry_id, _ in remaining] == ids[4:]
+
+
+async def test_a_batch_too_big_for_the_statement_timeout_is_written_in_halves(
+    redis: Redis, stock: Stock, database: tuple[str, str], pg_store: OrderStore
+) -> None:
+    """Invariant: a batch that always times out (57014) because of its size does not stall
+    the writer for ever: it is written in smaller transactions, nothing dead-lettered."""
+    _, url = database
+    inject = await asyncpg.connect(url)
+    try:
+        # any transaction inserting more than 50 orders "times out"; smaller ones pass
+        await inject.execute(
+            "CREATE FUNCTION seckill_big() RETURNS trigger AS $$ DECLARE n int; BEGIN"
+            " n := coalesce(nullif(current_setting('seckill.n', true), ''), '0')::int + 1;"
+            " PERFORM set_config('seckill.n', n::text, true);"
+            " IF n > 50 THEN RAISE EXCEPTION 'too big' USING ERRCODE = '57014'; END IF;"
+            " RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        await inject.execute(
+            "CREATE TRIGGER seckill_big BEFORE INSERT ON orders"
+            " FOR EACH ROW EXECUTE FUNCTION seckill_big()"
+        )
+        await _activity(stock, "big", 1000)
+        accepted = await _buy(stock, "big", 0, 300)
+        config = WriterConfig(
+            block_ms=20,
+            batch_size=400,
+            backoff_max_s=0.2,
+            max_deliveries=2,
+            store_reset_timeout_s=0.3,
+        )
+        writer = Writer(redis, pg_store, config, "w-big")
+        async with running(writer):
+            await _wait(lambda: _settled(redis, "big"), 60, "the batch in smaller pieces")
+    finally:
+        await inject.close()
+    await _stored_exactly(pg_store, "big", accepted)
+    assert await _dead(redis, "big") == 0 and writer.stats.dead_letters == 0
