@@ -161,5 +161,5 @@ def heartbeat(loop: str) -> str:
 
 
 def writer_consumer(name: str) -> str:
-    """String with a TTL: "<pid>:<token>" of the writer process that holds this consumer name."""
+    """String with a TTL: "<pid>:<process>:<writer>" of the writer holding this consumer name."""
     return f"{PREFIX}:writer:consumer:{name}"

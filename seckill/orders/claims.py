@@ -25,15 +25,23 @@ SLOT_TTL_S = 30
 MAX_SLOTS = 64
 
 
+# Tells this process from an earlier one with the same pid (a container restarted in place
+# runs its writer as pid 1 again).
+_PROCESS = secrets.token_hex(4)
+
+
 def _alive_here(holder: str) -> bool:
-    """Whether the process named by a slot holder ("<pid>:<token>") may still run on this host."""
-    pid_text, _, _ = holder.partition(":")
+    """Whether the holder of a name ("<pid>:<process>:<writer>") may still run on this host."""
+    pid_text, _, rest = holder.partition(":")
+    process = rest.partition(":")[0]
     try:
         pid = int(pid_text)
     except ValueError:
         return True
     if pid == os.getpid():
-        return True  # another Writer of this process: only its TTL can tell
+        # another Writer of this very process (only its TTL can tell), or an earlier process
+        # that had our pid
+        return process == _PROCESS
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -61,7 +69,7 @@ class ConsumerSlot:
         self.fixed = name is not None
         self.host = socket.gethostname() or "writer"
         self.name = name or self.host
-        self._token = f"{os.getpid()}:{secrets.token_hex(6)}"
+        self._token = f"{os.getpid()}:{_PROCESS}:{secrets.token_hex(4)}"
         self._claimed = self.fixed
         self._warned = False
 

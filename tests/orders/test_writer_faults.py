@@ -620,8 +620,11 @@ async def test_default_consumer_names_are_stable_and_distinct(redis: Redis) -> N
     await redis.set(keys.writer_consumer(f"{first.host}-2"), "999999999:gone", ex=30)
     # a live writer of another process (our parent) holds <host>-3
     await redis.set(keys.writer_consumer(f"{first.host}-3"), f"{os.getppid()}:alive", ex=30)
+    # an earlier process that had our very pid (a container restarted in place) held <host>-4
+    await redis.set(keys.writer_consumer(f"{first.host}-4"), f"{os.getpid()}:old:w", ex=30)
     assert await ConsumerSlot(redis).claim() == f"{first.host}-2"
     assert await ConsumerSlot(redis).claim() == f"{first.host}-4"
+    assert await ConsumerSlot(redis).claim() == f"{first.host}-5"
     await first.release()
     assert await ConsumerSlot(redis).claim() == first.host, "a clean stop gives the name back"
 
