@@ -153,7 +153,20 @@ class Writer:
         """Write until ``stop`` is set; the batch in hand is finished first.
 
         Returns only when ``stop`` is set: every fault of Redis or of the store is waited out.
+        Anything else (a bug) is raised to the supervisor, the consumer name given back first
+        so that the writer restarted in its place gets it again.
         """
+        try:
+            await self._loop(stop)
+        except Exception:
+            with contextlib.suppress(Exception):
+                await self.slot.release()
+            raise
+        with contextlib.suppress(*REDIS_FAULTS):
+            await self._flush_acks()
+            await self.slot.release()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         await self._migrate(stop)
         next_discover = next_recover = next_trim = 0.0
         recovered = False  # our own pending entries taken back, whatever their age
@@ -196,9 +209,6 @@ class Writer:
                 self._fault(exc)
                 delay = self._next_delay(delay)
                 await self._pause(stop, delay)
-        with contextlib.suppress(*REDIS_FAULTS):
-            await self._flush_acks()
-            await self.slot.release()
 
     def _next_delay(self, delay: float) -> float:
         return min(max(delay * 2, 0.1), self.config.backoff_max_s)
