@@ -695,3 +695,58 @@ async def test_a_batch_too_big_for_the_statement_timeout_is_written_in_halves(
         await inject.close()
     await _stored_exactly(pg_store, "big", accepted)
     assert await _dead(redis, "big") == 0 and writer.stats.dead_letters == 0
+
+
+async def _bgsave_status(client: Redis, wanted: str) -> bool:
+    info: Any = await client.info("persistence")
+    return bool(info["rdb_last_bgsave_status"] == wanted and not info["rdb_bgsave_in_progress"])
+
+
+async def test_misconf_for_5_s(tmp_path: Any, pg_store: OrderStore) -> None:
+    """Invariant: MISCONF (Redis cannot persist: writes refused) pauses the writer; it carries
+    on by itself. A redis-server of this test's own: the fault needs a protected config."""
+    from seckill.embedded import free_port
+
+    data, elsewhere = tmp_path / "data", tmp_path / "gone"
+    data.mkdir()
+    elsewhere.mkdir()
+    port = free_port()
+    arguments = ["--bind", "127.0.0.1", "--port", str(port), "--dir", str(data)]
+    arguments += ["--save", "3600 1", "--appendonly", "no", "--enable-protected-configs", "yes"]
+    process = await asyncio.create_subprocess_exec(
+        "redis-server",
+        *arguments,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    client = Redis(port=port, max_connections=32)
+    try:
+        await _wait(lambda: _pings(client), 20, "the private redis-server")
+        stock = Stock(
+            client, Scripts.from_dir(), Coalescer(client, max_batch=256, in_flight=4), 90_000
+        )
+
+        async def on() -> None:
+            # a snapshot into a directory that vanished fails: stop-writes-on-bgsave-error
+            await client.config_set("dir", str(elsewhere))
+            elsewhere.rmdir()
+            await client.bgsave()
+            await _wait(lambda: _bgsave_status(client, "err"), 20, "the snapshot to fail")
+
+        async def off() -> None:
+            await client.config_set("dir", str(data))
+            await client.bgsave()
+            await _wait(lambda: _bgsave_status(client, "ok"), 20, "a snapshot to succeed")
+
+        await _redis_fault(client, stock, pg_store, "misconf", on, off)
+    finally:
+        await client.aclose()
+        process.terminate()
+        await process.wait()
+
+
+async def _pings(client: Redis) -> bool:
+    try:
+        return bool(await client.ping())
+    except Exception:
+        return False
