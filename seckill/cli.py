@@ -305,6 +305,58 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deadletters(settings: Settings, args: argparse.Namespace) -> int:
+    """`deadletters list|replay ACTIVITY_ID`: show the entries parked for a person, or re-queue
+    them to the stream they came from (as new entries, written again by the writers)."""
+    import asyncio
+    import json
+    from typing import Any
+
+    from seckill import keys
+    from seckill.errors import RedisUnavailable
+    from seckill.orders import deadletters
+    from seckill.scripts import CONNECTION_ERRORS
+    from seckill.web.app import redis_client
+
+    resolved = _redis_settings(settings)
+    if resolved is None:
+        return 2
+    settings = resolved
+    if not keys.ID_PATTERN.fullmatch(args.activity_id):
+        print(f"seckill: not an activity id: {args.activity_id!r}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        client = redis_client(settings)
+        try:
+            if args.action == "list":
+                # JSON lines: one dead letter each (id, origin, reason, attempts, summary)
+                cursor = "-"
+                while True:
+                    page: Any = await client.xrange(
+                        keys.dead_letters(args.activity_id), min=cursor, max="+", count=500
+                    )
+                    for dead_id, fields in page:
+                        entry = deadletters.describe(dead_id.decode(), dict(fields))
+                        print(json.dumps(entry, sort_keys=True))
+                    if len(page) < 500:
+                        return 0
+                    cursor = "(" + page[-1][0].decode()
+            replayed, refused = await deadletters.replay(client, args.activity_id)
+            print(json.dumps({"activity_id": args.activity_id, "replayed": replayed}))
+            for line in refused:
+                print(f"seckill: not replayed: {line}", file=sys.stderr)
+            return 1 if refused else 0
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(run())
+    except (*CONNECTION_ERRORS, RedisUnavailable) as exc:  # type: ignore[misc]
+        print(f"seckill: Redis unreachable: {exc}", file=sys.stderr)
+        return 1
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="seckill", description="Flash-sale gateway.")
     root.add_argument("--version", action="version", version=f"seckill {__version__}")
@@ -339,6 +391,14 @@ def parser() -> argparse.ArgumentParser:
     flag_set.add_argument("value")
     flag_set.add_argument("--ttl", type=int, help="seconds, then the flag returns by itself")
     flags.set_defaults(run=cmd_flags)
+
+    dead = commands.add_parser("deadletters", help="list or replay an activity's dead letters")
+    dead_actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dead_list = dead_actions.add_parser("list", help="one JSON line per dead letter")
+    dead_list.add_argument("activity_id")
+    dead_replay = dead_actions.add_parser("replay", help="put them back on their streams")
+    dead_replay.add_argument("activity_id")
+    dead.set_defaults(run=cmd_deadletters)
 
     token = commands.add_parser("token", help="print a user JWT for testing")
     token.add_argument("user_id")

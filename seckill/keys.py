@@ -158,3 +158,8 @@ def activity_of_order(order_id: str) -> str | None:
 def heartbeat(loop: str) -> str:
     """String with a TTL, refreshed while a background loop ("writer", "sweeper") is alive."""
     return f"{PREFIX}:heartbeat:{loop}"
+
+
+def writer_consumer(name: str) -> str:
+    """String with a TTL: "<pid>:<process>:<writer>" of the writer holding this consumer name."""
+    return f"{PREFIX}:writer:consumer:{name}"
