@@ -209,6 +209,8 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             # SIGTERM: finish the batch in hand, acknowledge it, exit 0
             loop.add_signal_handler(sig, stop.set)
+        with contextlib.suppress(Exception):  # Redis away at start: the loop claims it later
+            await service.writer.slot.claim()
         print(f"seckill writer {service.writer.consumer} running", flush=True)
         await service.run(stop)
 
