@@ -297,6 +297,7 @@ def run(
         SECKILL_REDIS_URL=redis.url,
         SECKILL_DATABASE_URL=f"sqlite:///{work / 'orders.db'}",
         SECKILL_LIMITS_RULES_PATH=str(limits),
+        SECKILL_DEV="1",  # the published secrets: a benchmark on one machine
     )
     database = f"seckill_bench_{os.getpid()}"
     postgres_url = _postgres_database(database, create=True)

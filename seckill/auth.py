@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import re
 import time
 
 import jwt
@@ -11,6 +13,20 @@ import jwt
 from seckill.errors import Unauthorized
 
 _CACHE_MAX = 200_000
+_TOKEN_MAX = 4096
+# t=<unix seconds>, v1=<64 hex>: the shape is checked before the body is read
+_TIMESTAMP = re.compile(rb"[0-9]{1,12}")
+_DIGEST = re.compile(rb"[0-9a-f]{64}")
+_SIGNATURE_MAX = 1024
+_SIGNATURES_MAX = 4
+
+
+def header_bytes(value: str) -> bytes | None:
+    """A header's own bytes (aiohttp surrogate-escapes non-UTF-8 ones); None if it has none."""
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return None
 
 
 class UserAuth:
@@ -20,8 +36,10 @@ class UserAuth:
     signature each time is pure cost, and the cache key is the exact signed string.
     """
 
-    def __init__(self, secret: str) -> None:
+    def __init__(self, secret: str, *, leeway_s: int = 30, max_lifetime_s: int = 86_400) -> None:
         self._secret = secret
+        self._leeway_s = leeway_s
+        self._max_lifetime_s = max_lifetime_s
         # token -> (sub, exp, tier); the tier claim is "" when absent
         self._verified: dict[str, tuple[str, float, str]] = {}
 
@@ -36,17 +54,21 @@ class UserAuth:
         token = authorization[7:].strip()
         hit = self._verified.get(token)
         if hit is not None:
+            # kept until exp only: past it the token is checked again (with the leeway)
             if hit[1] > time.time():
                 return hit[0], hit[2]
             del self._verified[token]
+        if len(token) > _TOKEN_MAX or not token.isascii():
+            raise Unauthorized("invalid or expired token")
         try:
             claims = jwt.decode(
                 token,
                 self._secret,
                 algorithms=["HS256"],
                 options={"require": ["exp", "sub"]},
+                leeway=self._leeway_s,
             )
-        except (jwt.PyJWTError, ValueError, TypeError):
+        except (jwt.PyJWTError, ValueError, TypeError, OverflowError):
             raise Unauthorized("invalid or expired token") from None
         subject = claims.get("sub")
         if not isinstance(subject, str) or not 1 <= len(subject) <= 64:
@@ -54,10 +76,30 @@ class UserAuth:
         tier = claims.get("tier", "")
         if not isinstance(tier, str) or len(tier) > 32:
             raise Unauthorized("token tier must be a string of at most 32 characters")
+        exp = self._lifetime_checked(claims)
         if len(self._verified) >= _CACHE_MAX:
             self._verified.clear()
-        self._verified[token] = (subject, float(claims["exp"]), tier)
+        self._verified[token] = (subject, exp, tier)
         return subject, tier
+
+    def _lifetime_checked(self, claims: dict[str, object]) -> float:
+        """exp, when exp/iat/nbf are numbers and the lifetime is within the maximum."""
+        times: dict[str, float] = {}
+        for name in ("exp", "iat", "nbf"):
+            if name not in claims:
+                continue
+            value = claims[name]
+            # PyJWT takes int("1700000000") for a string: the contract says a number
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise Unauthorized(f"token {name} must be a number")
+            if not math.isfinite(value):
+                raise Unauthorized(f"token {name} must be a number")
+            times[name] = float(value)
+        exp = times["exp"]
+        start = times.get("iat", time.time())
+        if exp - start > self._max_lifetime_s:
+            raise Unauthorized("token lifetime over the accepted maximum")
+        return exp
 
     def mint(self, user_id: str, ttl_s: int, tier: str = "") -> str:
         """A signed token for ``user_id`` (member ``tier`` if given) valid for ``ttl_s`` s."""
@@ -85,23 +127,45 @@ class PaymentSignature:
         digest = hmac.new(self._secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
         return f"t={t},v1={digest}"
 
-    def verify(self, header: str | None, body: bytes) -> None:
-        """Unauthorized unless a v1 signature matches and t is within the tolerance."""
+    def check_header(self, header: str | None) -> tuple[bytes, list[bytes]]:
+        """(t, v1 digests) from a well-formed header with a fresh t; Unauthorized otherwise.
+
+        Done before the body is read: a forged or stale callback costs no body read.
+        Everything is compared as bytes, so no header content can raise.
+        """
         if not header:
             raise Unauthorized("Seckill-Signature header required")
-        parts: dict[str, list[str]] = {}
-        for item in header.split(","):
-            name, _, value = item.strip().partition("=")
-            parts.setdefault(name, []).append(value)
-        try:
-            t = int(parts["t"][0])
-        except (KeyError, ValueError):
-            raise Unauthorized("malformed Seckill-Signature") from None
-        if abs(time.time() - t) > self._tolerance_s:
+        raw = header_bytes(header)
+        if raw is None or len(raw) > _SIGNATURE_MAX:
+            raise Unauthorized("malformed Seckill-Signature")
+        stamps: list[bytes] = []
+        digests: list[bytes] = []
+        for item in raw.split(b","):
+            name, _, value = item.strip().partition(b"=")
+            if name == b"t":
+                stamps.append(value)
+            elif name == b"v1":
+                digests.append(value)
+        if len(stamps) != 1 or not _TIMESTAMP.fullmatch(stamps[0]):
+            raise Unauthorized("malformed Seckill-Signature")
+        if not digests or len(digests) > _SIGNATURES_MAX:
+            raise Unauthorized("malformed Seckill-Signature")
+        if not all(_DIGEST.fullmatch(digest) for digest in digests):
+            raise Unauthorized("malformed Seckill-Signature")
+        if abs(time.time() - int(stamps[0])) > self._tolerance_s:
             raise Unauthorized("Seckill-Signature timestamp outside the tolerance")
-        expected = hmac.new(self._secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-        if not any(hmac.compare_digest(expected, given) for given in parts.get("v1", [])):
+        return stamps[0], digests
+
+    def check_body(self, checked: tuple[bytes, list[bytes]], body: bytes) -> None:
+        """Unauthorized unless one of the header's v1 digests signs ``body``."""
+        t, digests = checked
+        expected = hmac.new(self._secret, t + b"." + body, hashlib.sha256).hexdigest().encode()
+        if not any(hmac.compare_digest(expected, given) for given in digests):
             raise Unauthorized("Seckill-Signature does not match")
+
+    def verify(self, header: str | None, body: bytes) -> None:
+        """Unauthorized unless a v1 signature matches and t is within the tolerance."""
+        self.check_body(self.check_header(header), body)
 
 
 class AdminAuth:
@@ -110,6 +174,8 @@ class AdminAuth:
 
     def check(self, authorization: str | None) -> None:
         """Unauthorized unless the header is exactly the admin bearer token (constant time)."""
-        given = (authorization or "").encode()
+        given = header_bytes(authorization or "")
+        if given is None:
+            raise Unauthorized("admin token required")
         if not hmac.compare_digest(given, self._expected):
             raise Unauthorized("admin token required")

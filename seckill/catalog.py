@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -67,16 +68,26 @@ class Catalog:
         self._loading: dict[str, asyncio.Future[Entry | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        # every activity id that exists (sk:activities), refreshed with the catalog; None until
+        # first read. An id outside it is unknown without a Redis call (storms of random ids).
+        self._known: set[str] | None = None
 
     def entries(self) -> dict[str, Entry]:
         """The activities this process has seen."""
         return self._entries
+
+    def known(self, activity_id: str) -> bool:
+        """False only when the id is surely not an activity (no Redis call); True if it may be."""
+        known = self._known
+        return known is None or activity_id in known or activity_id in self._entries
 
     async def get(self, activity_id: str) -> Entry | None:
         """The cached entry, loading it once (single flight) on a miss; None if unknown."""
         entry = self._entries.get(activity_id)
         if entry is not None:
             return entry
+        if self._known is not None and activity_id not in self._known:
+            return None
         until = self._missing.get(activity_id)
         if until is not None and until > time.monotonic():
             return None
@@ -118,6 +129,8 @@ class Catalog:
             self._entries.pop(activity_id, None)
             return None
         self._missing.pop(activity_id, None)
+        if self._known is not None:
+            self._known.add(activity_id)
         entry = Entry(Activity.from_meta(meta), int(stock or 0), int(created or 0))
         entry.sku_left = {k.decode(): int(v) for k, v in skus.items()}
         previous = self._entries.get(activity_id)
@@ -177,8 +190,18 @@ class Catalog:
 
     async def refresh_all(self) -> None:
         """Re-read every cached activity (the periodic correction of lost events)."""
+        await self.refresh_known()
         for activity_id in list(self._entries):
             await self._reload_quietly(activity_id)
+
+    async def refresh_known(self) -> None:
+        """Re-read the set of activity ids that exist (kept as it was if Redis is away)."""
+        try:
+            members: Any = await self._client.smembers(keys.ACTIVITIES)
+        except CONNECTION_ERRORS:
+            reraise_pending_cancel()
+            return
+        self._known = {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
@@ -196,6 +219,8 @@ class Catalog:
     def _on_event(self, kind: str, activity_id: str) -> None:
         if kind == "activity":
             self._missing.pop(activity_id, None)
+            if self._known is not None:
+                self._known.add(activity_id)
         if activity_id in self._entries or kind == "activity":
             self._spawn(self._reload_quietly(activity_id))
 
@@ -211,6 +236,7 @@ class Catalog:
         connection is torn down) would otherwise keep this loop alive forever.
         """
         try:
+            await self.refresh_known()
             while not self._closed:
                 await asyncio.sleep(self._refresh_interval_s)
                 await self.refresh_all()

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from seckill import __version__
+from seckill import __version__, resources
 from seckill import settings as settings_module
 from seckill.auth import UserAuth
 from seckill.embedded import EmbeddedRedis, EmbeddedRedisError
-from seckill.settings import Settings, SettingsError
+from seckill.settings import Settings, SettingsError, redact
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -39,14 +41,49 @@ def _with_listen(settings: Settings, args: argparse.Namespace) -> Settings:
     return settings.replace("server", **changes) if changes else settings
 
 
-def _warn_dev_secrets(settings: Settings) -> None:
-    for name, value in (
-        ("SECKILL_JWT_SECRET", settings.jwt.secret),
-        ("SECKILL_ADMIN_TOKEN", settings.admin.token),
-        ("SECKILL_PAYMENT_SECRET", settings.payment.secret),
+# outside development every secret is at least this long (HS256 key strength)
+_SECRET_MIN = 32
+
+
+def _published_secret(settings: Settings) -> str | None:
+    """The first secret that is a published development value or too short, as a message."""
+    published = settings_module.load(resources.config_path(), environ={})
+    for key, value, default in (
+        ("jwt.secret", settings.jwt.secret, published.jwt.secret),
+        ("admin.token", settings.admin.token, published.admin.token),
+        ("payment.secret", settings.payment.secret, published.payment.secret),
     ):
-        if value.startswith("dev-only-"):
-            log.warning("%s is the built-in development value: set it before a real sale", name)
+        env = "SECKILL_" + key.replace(".", "_").upper()
+        if value.startswith("dev-only-") or value == default:
+            return f"{key} ({env}) is the published development value"
+        if len(value) < _SECRET_MIN:
+            return f"{key} ({env}) is shorter than {_SECRET_MIN} characters"
+    return None
+
+
+def _refuse_published_secrets(settings: Settings, command: str) -> bool:
+    """True (and one line on stderr) when ``command`` must not start with these secrets."""
+    problem = _published_secret(settings)
+    if problem is None:
+        return False
+    if os.environ.get("SECKILL_DEV") == "1":
+        log.warning("development mode (SECKILL_DEV=1): %s", problem)
+        return False
+    print(
+        f"seckill: {command} refuses to start: {problem}; set a real secret "
+        "(or SECKILL_DEV=1 for development)",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
@@ -55,7 +92,13 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from seckill import server
 
     settings = _with_listen(settings, args)
-    _warn_dev_secrets(settings)
+    if _loopback(settings.server.host):
+        # one command on a laptop: the published secrets are fine where nobody else can reach
+        if _published_secret(settings) is not None:
+            log.warning("development mode: listening on loopback only, published secrets allowed")
+    elif _refuse_published_secrets(settings, "up"):
+        return 2
+    server.raise_open_files_limit()
     settings = _dev_data_keys(settings)
     embedded: EmbeddedRedis | None = None
     if not settings.redis.url:
@@ -97,7 +140,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     if not 1 <= workers <= 256:
         print("seckill: --workers must be 1..256", file=sys.stderr)
         return 2
-    _warn_dev_secrets(settings)
+    if _refuse_published_secrets(settings, "serve"):
+        return 2
+    server.raise_open_files_limit()
     problem = _data_key_problem(settings)
     if problem:
         print(f"seckill: {problem}", file=sys.stderr)
@@ -150,6 +195,8 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
     from seckill.metrics import Metrics
     from seckill.orders.service import OrderService
 
+    if _refuse_published_secrets(settings, "writer"):
+        return 2
     resolved = _redis_settings(settings)
     if resolved is None:
         return 2
@@ -175,6 +222,8 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             # SIGTERM: finish the batch in hand, acknowledge it, exit 0
             loop.add_signal_handler(sig, stop.set)
+        with contextlib.suppress(Exception):  # Redis away at start: the loop claims it later
+            await service.writer.slot.claim()
         print(f"seckill writer {service.writer.consumer} running", flush=True)
         await service.run(stop)
 
@@ -203,7 +252,7 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     try:
         body = asyncio.run(run())
     except (StoreUnavailable, *CONNECTION_ERRORS) as exc:  # type: ignore[misc]
-        print(f"seckill: cannot reconcile: {exc}", file=sys.stderr)
+        print(f"seckill: cannot reconcile: {redact(str(exc))}", file=sys.stderr)
         return 2
     if body is None:
         print(f"seckill: no activity {args.activity_id!r}", file=sys.stderr)
@@ -249,7 +298,7 @@ def cmd_flags(settings: Settings, args: argparse.Namespace) -> int:
         print(f"seckill: {exc.message}", file=sys.stderr)
         return 2
     except CONNECTION_ERRORS as exc:
-        print(f"seckill: Redis unreachable: {exc}", file=sys.stderr)
+        print(f"seckill: Redis unreachable: {redact(str(exc))}", file=sys.stderr)
         return 1
     return 0
 
@@ -257,8 +306,11 @@ def cmd_flags(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     """Print a user JWT signed with the configured secret."""
     ttl = args.ttl if args.ttl is not None else settings.jwt.default_ttl_s
-    if ttl <= 0:
-        print("seckill: --ttl must be a positive number of seconds", file=sys.stderr)
+    if not 0 < ttl <= settings.jwt.max_lifetime_s:
+        print(
+            f"seckill: --ttl must be 1..{settings.jwt.max_lifetime_s} seconds (jwt.max_lifetime_s)",
+            file=sys.stderr,
+        )
         return 2
     try:
         print(UserAuth(settings.jwt.secret).mint(args.user_id, ttl, args.tier or ""))
@@ -272,7 +324,7 @@ def _dev_data_keys(settings: Settings) -> Settings:
     """`seckill up` on a loopback host without data keys: a development key kept under var/."""
     from seckill import personal
 
-    if settings.data.keys.strip() or settings.server.host not in _LOOPBACK:
+    if settings.data.keys.strip() or not _loopback(settings.server.host):
         return settings
     keys_text = personal.dev_keys(settings.server.var_dir, settings.data.cipher)
     log.warning(
@@ -280,9 +332,6 @@ def _dev_data_keys(settings: Settings) -> Settings:
         Path(settings.server.var_dir) / "data.keys",
     )
     return settings.replace("data", keys=keys_text)
-
-
-_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def _data_key_problem(settings: Settings) -> str | None:
@@ -373,6 +422,57 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if not summary["failed"] else 1
 
 
+def cmd_deadletters(settings: Settings, args: argparse.Namespace) -> int:
+    """`deadletters list|replay ACTIVITY_ID`: show the entries parked for a person, or re-queue
+    them to the stream they came from (as new entries, written again by the writers)."""
+    import asyncio
+    import json
+
+    from seckill import keys
+    from seckill.errors import RedisUnavailable
+    from seckill.orders import deadletters
+    from seckill.scripts import CONNECTION_ERRORS
+    from seckill.web.app import redis_client
+
+    resolved = _redis_settings(settings)
+    if resolved is None:
+        return 2
+    settings = resolved
+    if not keys.ID_PATTERN.fullmatch(args.activity_id):
+        print(f"seckill: not an activity id: {args.activity_id!r}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        client = redis_client(settings)
+        try:
+            if args.action == "list":
+                # JSON lines: one dead letter each (id, origin, reason, attempts, summary)
+                cursor = "-"
+                while True:
+                    page: Any = await client.xrange(
+                        keys.dead_letters(args.activity_id), min=cursor, max="+", count=500
+                    )
+                    for dead_id, fields in page:
+                        entry = deadletters.describe(dead_id.decode(), dict(fields))
+                        print(json.dumps(entry, sort_keys=True))
+                    if len(page) < 500:
+                        return 0
+                    cursor = "(" + page[-1][0].decode()
+            replayed, refused = await deadletters.replay(client, args.activity_id)
+            print(json.dumps({"activity_id": args.activity_id, "replayed": replayed}))
+            for line in refused:
+                print(f"seckill: not replayed: {line}", file=sys.stderr)
+            return 1 if refused else 0
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(run())
+    except (*CONNECTION_ERRORS, RedisUnavailable) as exc:  # type: ignore[misc]
+        print(f"seckill: Redis unreachable: {exc}", file=sys.stderr)
+        return 1
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="seckill", description="Flash-sale gateway.")
     root.add_argument("--version", action="version", version=f"seckill {__version__}")
@@ -408,6 +508,14 @@ def parser() -> argparse.ArgumentParser:
     flag_set.add_argument("--ttl", type=int, help="seconds, then the flag returns by itself")
     flags.set_defaults(run=cmd_flags)
 
+    dead = commands.add_parser("deadletters", help="list or replay an activity's dead letters")
+    dead_actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dead_list = dead_actions.add_parser("list", help="one JSON line per dead letter")
+    dead_list.add_argument("activity_id")
+    dead_replay = dead_actions.add_parser("replay", help="put them back on their streams")
+    dead_replay.add_argument("activity_id")
+    dead.set_defaults(run=cmd_deadletters)
+
     token = commands.add_parser("token", help="print a user JWT for testing")
     token.add_argument("user_id")
     token.add_argument("--ttl", type=int, help="seconds (default: jwt.default_ttl_s)")
@@ -427,6 +535,17 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+class _Redacting(logging.Formatter):
+    """Every log line (tracebacks included) with URL passwords replaced by ***."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self._inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self._inner.format(record))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -434,11 +553,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_Redacting(handler.formatter))
     try:
         settings = settings_module.load()
         code: int = args.run(settings, args)
     except SettingsError as exc:
-        print(f"seckill: {exc}", file=sys.stderr)
+        print(f"seckill: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0

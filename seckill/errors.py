@@ -103,3 +103,13 @@ class RedisUnavailable(Overloaded):
     """Redis did not answer in time: never sell without it (fail closed)."""
 
     default_message = "stock service unavailable, retry later"
+
+
+class RequestTimeout(SeckillError):
+    """The body did not arrive within [server] body_timeout_s (the connection is closed)."""
+
+    status, code, default_message = 408, "request_timeout", "request body not received in time"
+
+
+class HeadersTooLarge(SeckillError):
+    status, code, default_message = 431, "headers_too_large", "request headers too large"

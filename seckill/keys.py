@@ -163,6 +163,11 @@ def heartbeat(loop: str) -> str:
     return f"{PREFIX}:heartbeat:{loop}"
 
 
+def writer_consumer(name: str) -> str:
+    """String with a TTL: "<pid>:<process>:<writer>" of the writer holding this consumer name."""
+    return f"{PREFIX}:writer:consumer:{name}"
+
+
 def sku_stock(activity_id: str) -> str:
     """Hash SKU id -> quantity of that SKU still on sale (one counter per SKU)."""
     return f"{_tag(activity_id)}:skus"

@@ -50,6 +50,32 @@ class Rule:
 _FIELDS = {f.name: f.type for f in dataclasses.fields(Rule)}
 
 
+@dataclass(frozen=True, slots=True)
+class OrderRule:
+    """Per-user buckets on order reads and cancels, kept in this process (no Redis)."""
+
+    read_rate_per_s: float = 2.0
+    read_burst: float = 10.0
+    cancel_rate_per_s: float = 0.5
+    cancel_burst: float = 5.0
+
+
+_ORDER_FIELDS = {f.name for f in dataclasses.fields(OrderRule)}
+# users whose order buckets one process remembers; past it they start over (full buckets)
+_ORDER_BUCKETS_MAX = 100_000
+
+
+def _order_rule(table: dict[str, Any]) -> OrderRule:
+    values: dict[str, float] = {}
+    for name, value in table.items():
+        if name not in _ORDER_FIELDS:
+            raise ValueError(f"orders: unknown key {name!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"orders.{name} must be a number >= 0")
+        values[name] = float(value)
+    return OrderRule(**values)
+
+
 def _rule(table: dict[str, Any], base: Rule, where: str) -> Rule:
     values: dict[str, Any] = {}
     for name, value in table.items():
@@ -70,7 +96,7 @@ def parse(text: str) -> tuple[Rule, dict[str, Rule]]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"not TOML: {exc}") from exc
-    unknown = set(data) - {"default", "activity"}
+    unknown = set(data) - {"default", "activity", "orders"}
     if unknown:
         raise ValueError(f"unknown table [{sorted(unknown)[0]}]")
     default = _rule(data.get("default", {}), Rule(), "default")
@@ -87,6 +113,9 @@ class Rules:
         self.gateway_processes = gateway_processes
         self.default = Rule()
         self.per_activity: dict[str, Rule] = {}
+        self.orders = OrderRule()
+        # (scope, user) -> bucket; scope: read, cancel
+        self._order_buckets: dict[tuple[str, str], tuple[OrderRule, LocalBucket]] = {}
         self.reloads = 0
         self.reload_errors = 0
         # (activity, scope, mode) -> refusals; scope: admission, user, ip
@@ -115,7 +144,9 @@ class Rules:
             return False
         self._mtime = mtime
         try:
-            self.default, self.per_activity = parse(self.path.read_text(encoding="utf-8"))
+            text = self.path.read_text(encoding="utf-8")
+            self.default, self.per_activity = parse(text)
+            self.orders = parse_orders(text)
         except (OSError, ValueError) as exc:
             self.reload_errors += 1
             log.error("limits file %s refused (%s); keeping the rules in force", self.path, exc)
@@ -144,6 +175,27 @@ class Rules:
                 return 0.0
         return wait
 
+    def take_order(self, scope: str, user_id: str) -> tuple[float, float]:
+        """One order ``scope`` ("read" or "cancel") for the user: (0, burst) when allowed,
+        else (seconds until a token is back, burst). A rate of 0 turns the limit off."""
+        rule = self.orders
+        if scope == "read":
+            rate, burst = rule.read_rate_per_s, rule.read_burst
+        else:
+            rate, burst = rule.cancel_rate_per_s, rule.cancel_burst
+        if rate <= 0:
+            return 0.0, burst
+        held = self._order_buckets.get((scope, user_id))
+        if held is None or held[0] is not rule:
+            if len(self._order_buckets) >= _ORDER_BUCKETS_MAX:
+                self._order_buckets.clear()
+            held = (rule, LocalBucket(rate, max(burst, 1.0)))
+            self._order_buckets[scope, user_id] = held
+        wait = held[1].try_take(1.0)
+        if wait > 0:
+            self.count("-", f"order_{scope}", False)
+        return wait, burst
+
     def count(self, activity_id: str, scope: str, shadow: bool) -> None:
         """One refusal (or, in shadow mode, one that would have been)."""
         key = (activity_id, scope, "shadow" if shadow else "enforced")
@@ -157,6 +209,15 @@ class Rules:
         while not self._closed:
             await asyncio.sleep(interval_s)
             self.maybe_reload()
+
+
+def parse_orders(text: str) -> OrderRule:
+    """The [orders] table (per-user read and cancel buckets); ValueError naming what is wrong."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"not TOML: {exc}") from exc
+    return _order_rule(data.get("orders", {}))
 
 
 def retry_after_s(wait_s: float) -> int:

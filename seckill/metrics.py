@@ -167,6 +167,24 @@ class Metrics:
             ["activity"],
             lambda: {(a,): lag for a, (_, lag) in writer.backlog.items()},
         )
+        for field, doc in (
+            ("acks_deferred", "Stored entries whose XACK waited for Redis to take writes again"),
+            ("redis_errors", "Writer rounds ended by Redis unreachable or an error reply"),
+            ("consumers_forgotten", "Gone writers removed from the consumer group"),
+        ):
+            self.readings.add(
+                f"seckill_writer_{field}_total", doc, "counter", [], count(writer.stats, field)
+            )
+        self.readings.add(
+            "seckill_writer_store_errors_total",
+            "Store errors by class: away (retried, never the entry's fault) or entry (refused)",
+            "counter",
+            ["class"],
+            lambda: {
+                ("away",): float(writer.stats.store_failures),
+                ("entry",): float(writer.stats.entries_rejected),
+            },
+        )
         self.readings.add(
             "seckill_sweeper_expired_total",
             "Reservations expired by the sweeper",

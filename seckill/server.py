@@ -1,26 +1,257 @@
-"""Running the gateway: one process, or several sharing a port with SO_REUSEPORT."""
+"""Running the gateway: one process, or several sharing a port with SO_REUSEPORT.
+
+The edge is configured here, in one place: every connection meets a header deadline, a header
+budget, a keep-alive deadline and the connection caps before any handler runs; the body
+deadline is applied where a body is read (web/bodies.py), with the same settings.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import uvloop
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
+from seckill.metrics import Metrics
 from seckill.orders.service import OrderService
-from seckill.settings import Settings
-from seckill.web.app import create_app
+from seckill.settings import ServerSettings, Settings
+from seckill.web.app import create_app, create_ops_app
 from seckill.web.state import SERVICES, Services
 
 log = logging.getLogger(__name__)
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+# written straight to the socket: a header flood never reaches a request object
+_HEADERS_TOO_LARGE = _error_body("headers_too_large", "request headers too large")
+_RAW_431 = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"Content-Type: application/json; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+    % (len(_HEADERS_TOO_LARGE), _HEADERS_TOO_LARGE)
+)
+_TRACEBACK_EVERY_S = 10.0
+
+
+class Edge:
+    """The budgets every connection of one process shares, and what they refused."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.max_connections = settings.max_connections
+        self.open = 0
+        self.per_peer: dict[str, int] = {}
+        # reason -> connections or requests refused at the edge (metrics)
+        self.refused: dict[str, int] = {
+            "max_connections": 0,
+            "max_connections_per_peer": 0,
+            "header_timeout": 0,
+            "headers_too_large": 0,
+            "bad_request": 0,
+        }
+        self._last_traceback = 0.0
+
+    def handler_kwargs(self) -> dict[str, Any]:
+        """aiohttp's own limits: per line, per field, field count, keep-alive."""
+        s = self.settings
+        return {
+            "keepalive_timeout": s.keepalive_timeout_s,
+            "max_line_size": s.max_field_size,
+            "max_field_size": s.max_field_size,
+            "max_headers": s.max_headers,
+            "access_log": None,  # a storm of access lines would cost more than the requests
+            "lingering_time": 0.0,  # never wait on the rest of a body nobody will read
+        }
+
+    def traceback_due(self) -> bool:
+        """True at most once per _TRACEBACK_EVERY_S: a flood of errors is not a flood of log."""
+        now = time.monotonic()
+        if now - self._last_traceback < _TRACEBACK_EVERY_S:
+            return False
+        self._last_traceback = now
+        return True
+
+    def add_metrics(self, metrics: Metrics) -> None:
+        """Export the open connections and the edge's refusals."""
+        metrics.readings.add(
+            "seckill_connections_open",
+            "Client connections this process holds open",
+            "gauge",
+            [],
+            lambda: {(): float(self.open)},
+        )
+        metrics.readings.add(
+            "seckill_edge_refused_total",
+            "Connections or requests refused at the edge, before any handler, by reason",
+            "counter",
+            ["reason"],
+            lambda: {(reason,): float(n) for reason, n in self.refused.items()},
+        )
+
+
+class EdgeProtocol(RequestHandler):
+    """aiohttp's connection handler with a header deadline, a header budget and caps.
+
+    aiohttp has no header deadline (its keep-alive timer is the only one, 3,630 s by default)
+    and no budget for a whole header block (only per field and per count), so a client that
+    sends half a header block, or a megabyte of them, would hold memory and a descriptor.
+    """
+
+    def __init__(self, manager: web.Server, edge: Edge, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._edge = edge
+        self._peer: str | None = None
+        self._header_bytes = 0
+        self._last_payload: StreamReader | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        edge = self._edge
+        # the first request meets the header deadline instead of aiohttp's idle timer
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        peername = transport.get_extra_info("peername")
+        peer = str(peername[0]) if isinstance(peername, tuple) and peername else ""
+        if edge.open >= edge.max_connections:
+            edge.refused["max_connections"] += 1
+            self.force_close()
+            return
+        if edge.per_peer.get(peer, 0) >= edge.settings.max_connections_per_peer:
+            edge.refused["max_connections_per_peer"] += 1
+            self.force_close()
+            return
+        self._peer = peer
+        edge.open += 1
+        edge.per_peer[peer] = edge.per_peer.get(peer, 0) + 1
+        self._header_timer = self._loop.call_later(
+            edge.settings.header_timeout_s, self._headers_overdue
+        )
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        peer = self._peer
+        if peer is not None:
+            self._peer = None
+            edge = self._edge
+            edge.open -= 1
+            left = edge.per_peer.get(peer, 1) - 1
+            if left > 0:
+                edge.per_peer[peer] = left
+            else:
+                edge.per_peer.pop(peer, None)
+        super().connection_lost(exc)
+
+    def _headers_overdue(self) -> None:
+        self._header_timer = None
+        if self._request_count == 0 and self.transport is not None:
+            self._edge.refused["header_timeout"] += 1
+            self.force_close()
+
+    def data_received(self, data: bytes) -> None:
+        payload = self._last_payload
+        # bytes count against the header budget only while no body is being received
+        awaiting_headers = payload is None or payload.is_eof()
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:
+            self._header_bytes = 0
+            if self._messages:
+                last = self._messages[-1][1]
+                self._last_payload = last if isinstance(last, StreamReader) else None
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+        elif awaiting_headers:
+            self._header_bytes += len(data)
+            if self._header_bytes > self._edge.settings.max_header_bytes:
+                self._edge.refused["headers_too_large"] += 1
+                if self.transport is not None:
+                    self.transport.write(_RAW_431)
+                self.force_close()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """The contract's error body for what aiohttp refuses itself (bad or huge headers)."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        edge = self._edge
+        too_large = isinstance(exc, LineTooLong) or (
+            isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message
+        )
+        if too_large:
+            edge.refused["headers_too_large"] += 1
+            status, code, text = 431, "headers_too_large", "request headers too large"
+        elif 400 <= status < 500:
+            edge.refused["bad_request"] += 1
+            code, text = "invalid_request", "malformed HTTP request"
+        else:
+            # one line each, a traceback at most every few seconds (never a log flood)
+            log.error(
+                "error handling %r from %r: %r",
+                request.path,
+                request.remote,
+                exc,
+                exc_info=exc if exc is not None and edge.traceback_due() else None,
+            )
+            status, code, text = 500, "internal", "internal error"
+        response = web.Response(
+            body=_error_body(code, text), status=status, content_type="application/json"
+        )
+        response.force_close()
+        return response
+
+
+class EdgeSite(web.TCPSite):
+    """A TCP site whose connections are EdgeProtocol's."""
+
+    def __init__(self, runner: web.AppRunner, edge: Edge, *args: Any, **kwargs: Any) -> None:
+        super().__init__(runner, *args, **kwargs)
+        self._edge = edge
+
+    async def start(self) -> None:
+        """Listen; each accepted connection gets an EdgeProtocol."""
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        edge = self._edge
+        kwargs = edge.handler_kwargs()
+        self._server = await loop.create_server(
+            lambda: EdgeProtocol(server, edge, loop=loop, **kwargs),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_port=self._reuse_port,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 async def serve_until_signal(
@@ -39,14 +270,18 @@ async def serve_until_signal(
     orders: OrderService | None = None
     stop_orders = asyncio.Event()
     orders_task: asyncio.Task[None] | None = None
+    edge = Edge(settings.server)
+    edge.max_connections = min(edge.max_connections, _connection_ceiling())
+    edge.add_metrics(app[SERVICES].metrics)
     runner = web.AppRunner(
         app,
         access_log=None,  # a storm of access lines would cost more than the requests
         shutdown_timeout=settings.server.shutdown_timeout_s,
     )
     await runner.setup()
-    site = web.TCPSite(
+    site = EdgeSite(
         runner,
+        edge,
         settings.server.host,
         settings.server.port,
         reuse_port=reuse_port or None,
@@ -54,6 +289,7 @@ async def serve_until_signal(
         shutdown_timeout=settings.server.shutdown_timeout_s,
     )
     await site.start()
+    ops_runner = await _start_ops(app, settings, reuse_port)
     if with_orders:
         services = app[SERVICES]
         orders = OrderService(settings, services.redis, services.store)
@@ -89,9 +325,63 @@ async def serve_until_signal(
         stop_orders.set()
         if orders_task is not None:
             await orders_task  # the writer finishes its batch while the gateway drains
+        if ops_runner is not None:
+            await ops_runner.cleanup()
         await runner.cleanup()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _start_ops(
+    app: web.Application, settings: Settings, reuse_port: bool
+) -> web.AppRunner | None:
+    """The internal listener for /metrics, /readyz and /healthz, when [server] ops_port is set."""
+    if not settings.server.ops_port:
+        return None
+    runner = web.AppRunner(create_ops_app(app[SERVICES]), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        settings.server.ops_host,
+        settings.server.ops_port,
+        reuse_port=reuse_port or None,
+        shutdown_timeout=1.0,
+    )
+    await site.start()
+    log.info("ops endpoints on http://%s:%d", settings.server.ops_host, settings.server.ops_port)
+    return runner
+
+
+def _connection_ceiling() -> int:
+    """Connections this process can hold: the open-files limit less a reserve for the rest."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 1 << 30
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    # Redis pool, the store, logs, the listener: past this, every new connection would fail
+    return max(int(soft) - 256, 64)
+
+
+def raise_open_files_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to its hard limit; the soft limit now in force."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (OSError, ValueError):
+                return int(soft)
+            return int(target)
+        return int(soft)
+    except (ImportError, OSError, ValueError):
+        return -1
 
 
 async def _drain(site: web.TCPSite, services: Services, timeout_s: float) -> None:
@@ -104,10 +394,18 @@ async def _drain(site: web.TCPSite, services: Services, timeout_s: float) -> Non
     services.draining = True
     deadline = asyncio.get_running_loop().time() + timeout_s
     # polled, not an Event: the request path stays a bare integer increment
-    while services.in_flight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+    # a request still receiving its body started before the signal: it is finished too
+    # (bounded by the body deadline), though it never counted for load shedding
+    while (  # noqa: ASYNC110
+        services.in_flight or services.receiving
+    ) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.01)
-    if services.in_flight:
-        log.warning("%d requests still in flight after %.1fs", services.in_flight, timeout_s)
+    if services.in_flight or services.receiving:
+        log.warning(
+            "%d requests still in flight after %.1fs",
+            services.in_flight + services.receiving,
+            timeout_s,
+        )
 
 
 def _worker(settings: Settings) -> None:

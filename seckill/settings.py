@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,15 @@ class SettingsError(ValueError):
     """A setting that does not parse or is out of range; the message names the key."""
 
 
+# scheme://user:password@ -> scheme://user:***@ (a password never reaches a message)
+_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^\s/]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``."""
+    return _CREDENTIALS.sub(r"\1:***@", text)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServerSettings:
     host: str
@@ -26,6 +36,17 @@ class ServerSettings:
     max_body_bytes: int
     var_dir: str
     metrics_dir: str
+    # the edge: deadlines and budgets every connection meets before a handler runs
+    header_timeout_s: float
+    keepalive_timeout_s: float
+    body_timeout_s: float
+    max_header_bytes: int
+    max_headers: int
+    max_field_size: int
+    max_connections: int
+    max_connections_per_peer: int
+    ops_host: str
+    ops_port: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -48,6 +69,8 @@ class DatabaseSettings:
 class JwtSettings:
     secret: str
     default_ttl_s: int
+    leeway_s: int
+    max_lifetime_s: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -194,12 +217,34 @@ def _check(settings: Settings) -> None:
     need(s.server.shutdown_timeout_s >= 0, "server.shutdown_timeout_s", "must be >= 0")
     need(s.server.max_body_bytes >= 64, "server.max_body_bytes", "must be >= 64")
     need(bool(s.server.var_dir), "server.var_dir", "must not be empty")
+    need(s.server.header_timeout_s > 0, "server.header_timeout_s", "must be > 0")
+    need(s.server.keepalive_timeout_s > 0, "server.keepalive_timeout_s", "must be > 0")
+    need(s.server.body_timeout_s > 0, "server.body_timeout_s", "must be > 0")
+    need(
+        1024 <= s.server.max_header_bytes <= 1024 * 1024,
+        "server.max_header_bytes",
+        "must be 1024..1048576",
+    )
+    need(8 <= s.server.max_headers <= 1024, "server.max_headers", "must be 8..1024")
+    need(
+        256 <= s.server.max_field_size <= s.server.max_header_bytes,
+        "server.max_field_size",
+        "must be 256..server.max_header_bytes",
+    )
+    need(s.server.max_connections >= 1, "server.max_connections", "must be >= 1")
+    need(
+        1 <= s.server.max_connections_per_peer <= s.server.max_connections,
+        "server.max_connections_per_peer",
+        "must be 1..server.max_connections",
+    )
+    need(0 <= s.server.ops_port <= 65535, "server.ops_port", "must be 0..65535")
+    need(bool(s.server.ops_host), "server.ops_host", "must not be empty")
     if s.redis.url:
         parsed = urlparse(s.redis.url)
         need(
             parsed.scheme in {"redis", "rediss", "unix"} and bool(parsed.hostname or parsed.path),
             "redis.url",
-            f"expected redis://host:port/db, got {s.redis.url!r}",
+            f"expected redis://host:port/db, got {redact(s.redis.url)!r}",
         )
     need(1 <= s.redis.max_connections <= 10_000, "redis.max_connections", "must be 1..10000")
     need(s.redis.socket_timeout_s > 0, "redis.socket_timeout_s", "must be > 0")
@@ -220,10 +265,16 @@ def _check(settings: Settings) -> None:
         need(
             scheme in {"postgresql", "postgres", "sqlite"},
             "database.url",
-            f"expected postgresql://... or sqlite:///path, got {s.database.url!r}",
+            f"expected postgresql://... or sqlite:///path, got {redact(s.database.url)!r}",
         )
     need(len(s.jwt.secret) >= 32, "jwt.secret", "must be at least 32 bytes (HS256 key strength)")
     need(s.jwt.default_ttl_s > 0, "jwt.default_ttl_s", "must be > 0")
+    need(0 <= s.jwt.leeway_s <= 300, "jwt.leeway_s", "must be 0..300")
+    need(
+        s.jwt.default_ttl_s <= s.jwt.max_lifetime_s,
+        "jwt.max_lifetime_s",
+        "must be >= jwt.default_ttl_s",
+    )
     need(len(s.admin.token) >= 16, "admin.token", "must be at least 16 characters")
     need(len(s.payment.secret) >= 16, "payment.secret", "must be at least 16 characters")
     need(s.payment.tolerance_s > 0, "payment.tolerance_s", "must be > 0")

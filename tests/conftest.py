@@ -72,6 +72,7 @@ def live_gateway(
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
     env["SECKILL_REDIS_URL"] = redis_server.url
     env["SECKILL_DATA_KEYS"] = "live:" + "A" * 22 + "=="  # addresses are sealed here too
+    env["SECKILL_DEV"] = "1"  # the published secrets are for tests like this one
     process = subprocess.Popen(
         [sys.executable, "-m", "seckill", "serve", "--port", str(port)],
         env=env,

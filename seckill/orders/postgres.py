@@ -6,12 +6,20 @@ import re
 from typing import Any
 
 import asyncpg
+from asyncpg.exceptions._base import DataError as ClientDataError
 
 from seckill.orders import store as sql
 from seckill.orders.record import OrderRecord
-from seckill.orders.store import Batch, OrderStore, StoreUnavailable, WriteResult
+from seckill.orders.store import (
+    Batch,
+    EntryRejected,
+    OrderStore,
+    StoreUnavailable,
+    WriteResult,
+)
 
-# What "the database is away" looks like through asyncpg: retry later, never poison.
+# What "the database is away" looks like through asyncpg, besides the SQLSTATEs below:
+# the connection or the pool, never the data.
 UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -22,6 +30,32 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.AdminShutdownError,
 )
+
+# Only a data exception (22: bad value, out of range) or an integrity violation (23: a CHECK,
+# NOT NULL) says "this entry is bad". Every other SQLSTATE says "not now": connection (08),
+# rollback (40: serialization failure, deadlock), resources (53: disk full, too many
+# connections), lock not available (55P03), operator intervention (57: statement timeout, admin
+# shutdown), system (58), read-only transaction (25006, a failover or a maintenance switch) - and
+# a schema or privilege error (42, 3F, 28) is a deployment problem that retrying outlives, never
+# a reason to dead-letter every entry.
+ENTRY_CLASSES = frozenset({"22", "23"})
+
+
+def classify(exc: BaseException) -> Exception | None:
+    """StoreUnavailable or EntryRejected for an error of asyncpg; None when it is neither."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        if state[:2] in ENTRY_CLASSES:
+            return EntryRejected(f"{state}: {exc}")
+        # a statement timeout may be the batch's size against the configured timeout
+        return StoreUnavailable(f"{state}: {exc}", smaller_may_pass=state == "57014")
+    if isinstance(exc, ClientDataError):
+        # a value asyncpg could not encode (client side): that entry's data
+        return EntryRejected(str(exc))
+    if isinstance(exc, UNAVAILABLE):
+        return StoreUnavailable(f"{type(exc).__name__}: {exc}")
+    return None
+
 
 _MIGRATION_LOCK = 0x5EC_0001  # pg_advisory_xact_lock key: one migrator at a time
 
@@ -62,8 +96,8 @@ class PostgresStore(OrderStore):
                     timeout=self._timeout_s,
                     command_timeout=self._timeout_s,
                 )
-            except UNAVAILABLE as exc:
-                raise StoreUnavailable(str(exc)) from exc
+            except Exception as exc:
+                raise (classify(exc) or StoreUnavailable(repr(exc))) from exc
         return self._pool
 
     async def _run(self, work: Any) -> Any:
@@ -71,8 +105,11 @@ class PostgresStore(OrderStore):
         try:
             async with pool.acquire(timeout=self._timeout_s) as connection:
                 return await work(connection)
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        except Exception as exc:
+            classified = classify(exc)
+            if classified is None:
+                raise
+            raise classified from exc
 
     async def migrate(self) -> None:
         async def work(db: asyncpg.Connection) -> None:

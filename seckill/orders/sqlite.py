@@ -8,6 +8,7 @@ entry has nowhere else to come back from.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -17,9 +18,30 @@ from typing import Any, TypeVar
 
 from seckill.orders import store as sql
 from seckill.orders.record import OrderRecord
-from seckill.orders.store import Batch, OrderStore, StoreUnavailable, WriteResult
+from seckill.orders.store import (
+    Batch,
+    EntryRejected,
+    OrderStore,
+    StoreUnavailable,
+    WriteResult,
+)
 
 T = TypeVar("T")
+
+
+def classify(exc: BaseException) -> Exception | None:
+    """StoreUnavailable or EntryRejected for an error of sqlite3; None when it is neither."""
+    if isinstance(exc, sqlite3.OperationalError):
+        # busy, locked, disk I/O, disk full, read-only file, cannot open: the file, not the data
+        return StoreUnavailable(str(exc))
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)):
+        return EntryRejected(str(exc))
+    if isinstance(exc, sqlite3.DatabaseError):
+        # corruption and friends: not an entry's fault, and retrying is the only safe answer
+        return StoreUnavailable(str(exc))
+    if isinstance(exc, OSError):
+        return StoreUnavailable(str(exc))
+    return None
 
 
 class SqliteStore(OrderStore):
@@ -45,15 +67,14 @@ class SqliteStore(OrderStore):
             connection = self._connection()
             try:
                 return work(connection)
-            except sqlite3.OperationalError as exc:
+            except BaseException as exc:
                 if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                # locked, busy, disk I/O: transient by nature
-                raise StoreUnavailable(str(exc)) from exc
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
+                    with contextlib.suppress(sqlite3.Error):
+                        connection.execute("ROLLBACK")
+                classified = classify(exc)
+                if classified is None:
+                    raise
+                raise classified from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 

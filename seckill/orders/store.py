@@ -25,7 +25,23 @@ LEGAL_TRANSITIONS = frozenset(
 
 
 class StoreUnavailable(Exception):
-    """The database did not answer (connection refused, lost, timed out, locked): retry later."""
+    """The database is away (unreachable, read-only, timed out, locked, deadlocked): retry later.
+
+    Never the fault of the entries being written: the writer retries the same batch in memory
+    and counts nothing against them. ``smaller_may_pass`` marks a refusal by size (a statement
+    timeout): the writer may then retry the batch in halves, still counting nothing.
+    """
+
+    def __init__(self, message: str = "", *, smaller_may_pass: bool = False) -> None:
+        super().__init__(message)
+        self.smaller_may_pass = smaller_may_pass
+
+
+class EntryRejected(Exception):
+    """A healthy database refused the batch (a data or constraint error): some entry is bad.
+
+    Each backend decides, once, which of its errors mean this and which mean StoreUnavailable.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +210,10 @@ class OrderStore(abc.ABC):
 
     @abc.abstractmethod
     async def write(self, batch: Batch) -> WriteResult:
-        """Apply one batch in one transaction; StoreUnavailable when the database is away."""
+        """Apply one batch in one transaction.
+
+        StoreUnavailable when the database is away, EntryRejected when it refused the data.
+        """
 
     @abc.abstractmethod
     async def order(self, order_id: str) -> OrderRecord | None:

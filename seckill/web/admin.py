@@ -7,6 +7,7 @@ from aiohttp import web
 from seckill import clock, keys, report
 from seckill.activities import Activity
 from seckill.errors import InvalidRequest, NotFound, Overloaded, RedisUnavailable
+from seckill.orders import deadletters
 from seckill.orders.store import StoreUnavailable
 from seckill.scripts import CONNECTION_ERRORS
 from seckill.web.bodies import parse_json, read_limited
@@ -51,6 +52,34 @@ async def activity_report(request: web.Request) -> web.Response:
     if body is None:
         raise NotFound("no such activity")
     return web.json_response(body)
+
+
+@routes.get("/admin/v1/activities/{activity_id}/dead-letters", name="admin_dead_letters")
+async def dead_letters(request: web.Request) -> web.Response:
+    """The activity's dead letters: their count and the oldest ones (?limit=, at most 1000)."""
+    services = request.app[SERVICES]
+    services.admin.check(request.headers.get("Authorization"))
+    activity_id = request.match_info["activity_id"]
+    if not keys.ID_PATTERN.fullmatch(activity_id):
+        raise NotFound("no such activity")
+    unknown = sorted(set(request.query) - {"limit"})
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter: {unknown[0]!r}")
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise InvalidRequest("limit must be an integer") from None
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest("limit must be in 1..1000")
+    try:
+        known = await services.redis.exists(keys.meta(activity_id), keys.dead_letters(activity_id))
+        if not known:
+            raise NotFound("no such activity")
+        count = await deadletters.count(services.redis, activity_id)
+        page = await deadletters.page(services.redis, activity_id, limit)
+    except CONNECTION_ERRORS as exc:
+        raise RedisUnavailable() from exc
+    return web.json_response({"activity_id": activity_id, "count": count, "dead_letters": page})
 
 
 @routes.get("/admin/v1/flags", name="admin_flags_list")

@@ -220,7 +220,11 @@ def create_app(settings: Settings) -> web.Application:
         scripts=scripts,
         stock=Stock(client, scripts, coalescer, settings.purchase.idempotency_ttl_s),
         catalog=catalog,
-        users=UserAuth(settings.jwt.secret),
+        users=UserAuth(
+            settings.jwt.secret,
+            leeway_s=settings.jwt.leeway_s,
+            max_lifetime_s=settings.jwt.max_lifetime_s,
+        ),
         admin=AdminAuth(settings.admin.token),
         payments=PaymentSignature(settings.payment.secret, settings.payment.tolerance_s),
         store=open_store(settings.database_url),
@@ -253,4 +257,14 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(public.routes)
     app.add_routes(admin.routes)
     app.add_routes(ops.routes)
+    if not settings.server.ops_port:
+        app.add_routes(ops.probes)  # else only on the internal listener (create_ops_app)
+    return app
+
+
+def create_ops_app(services: Services) -> web.Application:
+    """The internal listener's app: /healthz, /readyz, /metrics over the gateway's services."""
+    app = web.Application()
+    app[SERVICES] = services
+    app.add_routes(ops.probes)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -11,9 +12,14 @@ from aiohttp.typedefs import Handler
 
 from seckill.errors import Overloaded, SeckillError
 from seckill.metrics import Metrics
+from seckill.web.bodies import COUNTED
 from seckill.web.state import SERVICES
 
 log = logging.getLogger(__name__)
+
+# at most one traceback per route in this many seconds; the other failures log one line
+_TRACEBACK_EVERY_S = 10.0
+_last_traceback: dict[str, float] = {}
 
 _NEVER_SHED = frozenset({"/healthz", "/readyz", "/metrics"})
 _SHED = Overloaded("too many requests in flight, retry later", retry_after=1)
@@ -27,7 +33,9 @@ _HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
+    431: "headers_too_large",
 }
 
 
@@ -71,17 +79,21 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         services.shed += 1
         services.metrics.count(request.match_info.route.name or "unmatched", "shed")
         return refusal(_SHED)
-    services.in_flight += 1
+    # a request with a body counts in flight only once its body is in (web/bodies.py)
+    counted = not request.body_exists
+    if counted:
+        services.in_flight += 1
     started = time.perf_counter()
     try:
         response = await _answer(request, handler, services.metrics)
     finally:
-        services.in_flight -= 1
+        if counted or request.get(COUNTED, False):
+            services.in_flight -= 1
         services.metrics.latencies.observe(
             request.match_info.route.name or "unmatched", time.perf_counter() - started
         )
-    if services.draining:
-        response.force_close()
+    if services.draining or response.status == 408:
+        response.force_close()  # 408: the rest of that body is not worth waiting for
     return response
 
 
@@ -101,9 +113,30 @@ async def _answer(request: web.Request, handler: Handler, metrics: Metrics) -> w
         if exc.status == 405 and "Allow" in exc.headers:
             answer.headers["Allow"] = exc.headers["Allow"]
         return answer
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+    except (ConnectionResetError, asyncio.CancelledError) as exc:
+        # the client went away mid-request (a dropped upload): not our failure, not an error
+        metrics.count(route, "client_closed")
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return error_response(400, "client_closed", "client closed the connection")
+    except Exception as exc:
+        _log_unexpected(request, route, exc)
         metrics.count(route, "internal")
         return error_response(500, "internal", "internal error")
     metrics.count(route, response.get(OUTCOME, "ok"))
     return response
+
+
+def _log_unexpected(request: web.Request, route: str, exc: Exception) -> None:
+    """One line with the path escaped (%r: no forged log lines); a traceback now and then."""
+    now = time.monotonic()
+    with_traceback = now - _last_traceback.get(route, -_TRACEBACK_EVERY_S) >= _TRACEBACK_EVERY_S
+    if with_traceback:
+        _last_traceback[route] = now
+    log.error(
+        "unhandled error on %r %r: %s",
+        request.method,
+        request.path,
+        type(exc).__name__,
+        exc_info=exc if with_traceback else None,
+    )

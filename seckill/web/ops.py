@@ -1,31 +1,64 @@
-"""Operational endpoints: liveness, readiness, metrics, the OpenAPI description."""
+"""Operational endpoints: liveness, readiness, metrics, the OpenAPI description.
+
+The probes (/healthz, /readyz, /metrics) are served on the public port, or, with
+``[server] ops_port``, only on a separate internal listener (app.create_ops_app).
+"""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from aiohttp import web
 
 from seckill.scripts import CONNECTION_ERRORS
 from seckill.web.middlewares import error_response
-from seckill.web.state import SERVICES
+from seckill.web.state import SERVICES, Services
 
 routes = web.RouteTableDef()
+probes = web.RouteTableDef()
+
+# a probe storm (or a scrape per second from each of many pollers) costs Redis at most this
+_READY_CACHE_S = 1.0
 
 
-@routes.get("/healthz", name="healthz")
+@probes.get("/healthz", name="healthz")
 async def healthz(request: web.Request) -> web.Response:
     """Alive: the event loop answers."""
     return web.json_response({"status": "ok"})
 
 
-@routes.get("/readyz", name="readyz")
-async def readyz(request: web.Request) -> web.Response:
-    """Ready: Redis answers and holds every script."""
-    services = request.app[SERVICES]
+async def ready(services: Services) -> bool:
+    """Redis answers and holds every script; one probe at a time, a "ready" kept a second.
+
+    A "not ready" is not kept: the next caller probes again (still one probe at a time), so
+    readiness comes back the moment Redis does.
+    """
+    probe = services.ready_probe
+    stale = time.monotonic() - services.ready_checked_at >= _READY_CACHE_S
+    if probe is None or (probe.done() and (stale or not probe.result())):
+        probe = services.ready_probe = asyncio.ensure_future(_probe(services))
+    # shielded: a caller that goes away does not cancel the probe the others wait on
+    return await asyncio.shield(probe)
+
+
+async def _probe(services: Services) -> bool:
     try:
         await services.redis.ping()
         if not await services.scripts.loaded(services.redis):
             await services.scripts.load(services.redis)
+        answer = True
     except CONNECTION_ERRORS:
+        answer = False
+    services.ready_checked_at = time.monotonic()
+    return answer
+
+
+@probes.get("/readyz", name="readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: Redis answers and holds every script (checked at most once a second)."""
+    services = request.app[SERVICES]
+    if not await ready(services):
         return error_response(503, "overloaded", "not ready: Redis is unreachable")
     down = sorted(
         name for name, up in (services.loops() if services.loops else {}).items() if not up
@@ -36,7 +69,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
-@routes.get("/metrics", name="metrics")
+@probes.get("/metrics", name="metrics")
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition."""
     services = request.app[SERVICES]

@@ -37,6 +37,7 @@ routes = web.RouteTableDef()
 
 _REDIS_DOWN = Overloaded("stock service unavailable, retry later", retry_after=2)
 _SOLD_OUT = SoldOut()
+_NO_SUCH_ORDER = NotFound("no such order")
 _ENDED = Ended()
 # switches and limits decided in the gateway, answered by the script after idempotency
 _GATES: dict[str, SeckillError] = {
@@ -56,7 +57,8 @@ _REFUSALS: dict[Outcome, SeckillError] = {
 
 
 async def _entry(services: Services, activity_id: str) -> Entry:
-    """The cached activity, or NotFound (ids that cannot exist never reach Redis)."""
+    """The cached activity, or NotFound (ids that cannot exist or are not in the catalog's
+    set of known ids never reach Redis)."""
     entry = (
         await services.catalog.get(activity_id) if keys.ID_PATTERN.fullmatch(activity_id) else None
     )
@@ -194,6 +196,9 @@ async def get_order(request: web.Request) -> web.Response:
     """The caller's own order; someone else's is indistinguishable from a missing one."""
     services = request.app[SERVICES]
     user_id = services.users.user_id(request.headers.get("Authorization"))
+    limited = _order_rate_limited(services, "read", user_id)
+    if limited is not None:
+        return limited
     record = await _own_order(services, request.match_info["order_id"], user_id)
     return web.json_response(_order_body(services, record))
 
@@ -207,9 +212,18 @@ def _order_body(services: Services, record: OrderRecord) -> dict[str, Any]:
     return body
 
 
+def _order_rate_limited(services: Services, scope: str, user_id: str) -> web.Response | None:
+    """429 when the user's order ``scope`` bucket (limits.toml [orders]) is empty."""
+    wait, burst = services.limits.take_order(scope, user_id)
+    return _rate_limited(wait, burst) if wait else None
+
+
 async def _own_order(services: Services, order_id: str, user_id: str) -> OrderRecord:
+    activity_id = keys.activity_of_order(order_id)
+    if activity_id is None or not services.catalog.known(activity_id):
+        raise NotFound("no such order")  # no such activity: neither Redis nor the store asked
     record = await services.stock.order(order_id)
-    if record is None and keys.activity_of_order(order_id) is not None:
+    if record is None:
         # Redis is the live copy; the store is the record once Redis has let an order go
         try:
             record = await services.store.order(order_id)
@@ -225,8 +239,14 @@ async def cancel_order(request: web.Request) -> web.Response:
     """The owner gives a reserved order up; its stock goes back on sale."""
     services = request.app[SERVICES]
     user_id = services.users.user_id(request.headers.get("Authorization"))
+    limited = _order_rate_limited(services, "cancel", user_id)
+    if limited is not None:
+        return limited
     await read_limited(request, services.settings.server.max_body_bytes)
     order_id = request.match_info["order_id"]
+    activity_id = keys.activity_of_order(order_id)
+    if activity_id is None or not services.catalog.known(activity_id):
+        return refusal(_NO_SUCH_ORDER)
     outcome = await services.stock.release(order_id, "cancelled", owner=user_id)
     if outcome is Release.NOT_FOUND:
         raise NotFound("no such order")
@@ -265,8 +285,10 @@ def _payment(body: Any) -> tuple[str, str, int, bool]:
 async def payment_notify(request: web.Request) -> web.Response:
     """The payment provider's callback: paid, refund_required or ignored, once per event id."""
     services = request.app[SERVICES]
+    # the header's shape and timestamp before the body: a forged callback reads nothing
+    signature = services.payments.check_header(request.headers.get("Seckill-Signature"))
     raw = await read_limited(request, services.settings.server.max_body_bytes)
-    services.payments.verify(request.headers.get("Seckill-Signature"), raw)
+    services.payments.check_body(signature, raw)
     event_id, order_id, amount, success = _payment(parse_json(raw))
     outcome = await services.stock.pay(order_id, event_id, amount, success)
     if outcome is Payment.NOT_FOUND:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,11 @@ class Services:
     shared_metrics: Shared | None = None
     # `seckill up`: which background loops (writer, sweeper) run in this process right now
     loops: Callable[[], dict[str, bool]] | None = None
+    # requests waiting for the rest of their body (not in flight; the drain waits for them)
+    receiving: int = 0
+    # /readyz's Redis probe (one at a time) and when it finished: its answer serves a second
+    ready_probe: asyncio.Future[bool] | None = None
+    ready_checked_at: float = -1e9
     # seals and opens addresses on orders; None: no data key (orders with an address refused)
     personal: Sealer | None = None
 

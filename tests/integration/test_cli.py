@@ -176,7 +176,7 @@ def test_serve_with_two_workers_shares_one_port_and_stops_cleanly(
     from seckill.embedded import free_port
 
     port = free_port()
-    env = {**CLEAN_ENV, "SECKILL_REDIS_URL": redis_url}
+    env = {**CLEAN_ENV, "SECKILL_REDIS_URL": redis_url, "SECKILL_DEV": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "seckill", "serve", "--port", str(port), "--workers", "2"],
         env=env,

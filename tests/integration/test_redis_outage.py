@@ -110,37 +110,65 @@ async def test_redis_killed_mid_burst_fails_closed_and_recovers(
 
 
 async def test_beyond_max_in_flight_requests_are_shed_at_once(settings: Settings) -> None:
-    settings = settings.replace("protection", max_in_flight=2)
-    async with TestClient(TestServer(create_app(settings))) as client:
-        body = activity_body(stock=10)
-        await client.post("/admin/v1/activities", json=body, headers=admin_headers(settings))
-        gate = asyncio.Event()
+    from aiohttp import web
 
-        async def trickle() -> Any:
-            yield b'{"quantity"'
-            await gate.wait()
-            yield b": 1}"
+    gate = asyncio.Event()
 
-        url = f"/api/v1/activities/{body['id']}/orders"
-        held = [
-            asyncio.create_task(
-                client.post(url, data=trickle(), headers=user_headers(settings, f"h{n}", "k"))
+    async def slow_reviews(request: web.Request) -> web.Response:
+        await gate.wait()  # holds the gateway's request in flight until the test lets go
+        return web.json_response([])
+
+    upstream = web.Application()
+    upstream.router.add_get("/reviews/{activity_id}", slow_reviews)
+    async with TestServer(upstream) as fake:
+        settings = settings.replace("protection", max_in_flight=2).replace(
+            "upstreams", reviews_url=f"{fake.make_url('/reviews')}/{{activity_id}}", timeout_s=30
+        )
+        async with TestClient(TestServer(create_app(settings))) as client:
+            services = client.server.app[SERVICES]
+            body = activity_body(stock=10)
+            await client.post("/admin/v1/activities", json=body, headers=admin_headers(settings))
+            url = f"/api/v1/activities/{body['id']}/orders"
+            held = [
+                asyncio.create_task(client.get(f"/api/v1/activities/{body['id']}/reviews"))
+                for _ in range(2)
+            ]
+            deadline = time.monotonic() + 20
+            while services.in_flight < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert services.in_flight == 2
+            shed = await client.post(
+                url, json={"quantity": 1}, headers=user_headers(settings, "x", "k")
             )
-            for n in range(2)
-        ]
-        await asyncio.sleep(0.2)  # both are in flight, waiting for the rest of their bodies
-        shed = await client.post(
-            url, json={"quantity": 1}, headers=user_headers(settings, "x", "k")
-        )
-        assert shed.status == 503
-        assert (await shed.json())["error"]["code"] == "overloaded"
-        assert shed.headers["Retry-After"] == "1"
-        assert (await client.get("/healthz")).status == 200, "ops endpoints are never shed"
-        metrics = await (await client.get("/metrics")).text()
-        assert "seckill_shed_total 1.0" in metrics
-        gate.set()
-        assert [r.status for r in await asyncio.gather(*held)] == [202, 202]
-        after = await client.post(
-            url, json={"quantity": 1}, headers=user_headers(settings, "y", "k")
-        )
-        assert after.status == 202, "room again once the held requests answered"
+            assert shed.status == 503
+            assert (await shed.json())["error"]["code"] == "overloaded"
+            assert shed.headers["Retry-After"] == "1"
+            assert (await client.get("/healthz")).status == 200, "ops endpoints are never shed"
+            metrics = await (await client.get("/metrics")).text()
+            assert "seckill_shed_total 1.0" in metrics
+            gate.set()
+            assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+
+            # a request still sending its body holds no slot: slow uploads cannot shed buyers
+            trickled = asyncio.Event()
+
+            async def trickle() -> Any:
+                yield b'{"quantity"'
+                await trickled.wait()
+                yield b": 1}"
+
+            slow = [
+                asyncio.create_task(
+                    client.post(url, data=trickle(), headers=user_headers(settings, f"h{n}", "k"))
+                )
+                for n in range(3)
+            ]
+            while services.receiving < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert services.receiving == 3 and services.in_flight == 0
+            after = await client.post(
+                url, json={"quantity": 1}, headers=user_headers(settings, "y", "k")
+            )
+            assert after.status == 202, "not shed while three bodies are still on their way"
+            trickled.set()
+            assert [r.status for r in await asyncio.gather(*slow)] == [202, 202, 202]

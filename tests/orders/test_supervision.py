@@ -160,7 +160,7 @@ async def _stored(store: Any, activity_id: str, count: int) -> bool:
     ("fault", "on", "off"),
     [
         ("NOREPLICAS", ("min-replicas-to-write", "1"), ("min-replicas-to-write", "0")),
-        ("OOM", ("maxmemory", "1"), ("maxmemory", "0")),
+        ("OOM|maxmemory", ("maxmemory", "1"), ("maxmemory", "0")),
     ],
 )
 async def test_writer_and_sweeper_carry_on_after_redis_error_replies(

@@ -135,7 +135,8 @@ def _bad_tokens(settings: Settings) -> dict[str, str | None]:
             "another-secret-of-32-bytes-long!!",
             "HS256",
         ),
-        "expired": "Bearer " + _token(settings, exp=int(time.time()) - 10),
+        # past the 30 s clock-skew leeway ([jwt] leeway_s)
+        "expired": "Bearer " + _token(settings, exp=int(time.time()) - 120),
         "alg none": f"Bearer {none_alg}",
         "no exp": "Bearer " + _token(settings, exp=None),
         "no sub": "Bearer " + _token(settings, sub=None),

@@ -41,7 +41,7 @@ def _call(
 @pytest.fixture
 def gateways(redis_url: str, tmp_path: Path) -> Iterator[list[str]]:
     """Two `seckill serve` processes sharing the test Redis."""
-    env = {**CLEAN_ENV, "SECKILL_REDIS_URL": redis_url}
+    env = {**CLEAN_ENV, "SECKILL_REDIS_URL": redis_url, "SECKILL_DEV": "1"}
     processes, urls = [], []
     for _ in range(2):
         port = free_port()
@@ -204,7 +204,7 @@ def test_closing_an_activity_early_ends_the_sale(gateways: list[str]) -> None:
 
 
 def test_the_cli_flips_and_lists_flags(redis_url: str, sync_redis: redis.Redis) -> None:
-    env = {**CLEAN_ENV, "SECKILL_REDIS_URL": redis_url}
+    env = {**CLEAN_ENV, "SECKILL_REDIS_URL": redis_url, "SECKILL_DEV": "1"}
     seckill = [sys.executable, "-m", "seckill", "flags"]
     done = subprocess.run(
         [*seckill, "set", "admission.factor", "0.5", "--ttl", "60"],

@@ -1,0 +1,92 @@
+"""Reading new entries: which streams exist, and fair batches across all of them.
+
+``batch_size`` counts across every stream of every activity (one store transaction holds at
+most that many rows), and the changes streams (payments, transitions) get a share of every
+batch even while orders are catching up: a paid order must not stay "reserved" in the database
+for the length of a catch-up. Orders are read first in each round, so an order's creation is
+normally written before or with its changes; when it is not (another writer holds it), the
+store inserts the order from the change's full record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+
+from seckill import keys
+from seckill.orders.entries import Entry, is_orders, text
+from seckill.orders.streams import GROUP, ensure_group
+
+# The part of each batch kept for the changes streams while orders wait (they take it all
+# when no change waits).
+CHANGES_SHARE = 0.25
+
+
+class Intake:
+    """The streams this writer reads, and its fair reading of them."""
+
+    def __init__(self, client: Redis, batch_size: int, block_ms: int) -> None:
+        self.client = client
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        self.streams: list[str] = []
+        self._known: set[str] = set()
+        self._turn = 0
+
+    async def discover(self) -> list[str]:
+        """Add the streams of new activities (creating the group); the new ones."""
+        members: Any = await self.client.smembers(keys.ACTIVITIES)
+        added: list[str] = []
+        for activity_id in sorted(text(m) for m in members):
+            for stream in (keys.stream(activity_id), keys.changes(activity_id)):
+                if stream not in self._known:
+                    await ensure_group(self.client, stream)
+                    self._known.add(stream)
+                    self.streams.append(stream)
+                    added.append(stream)
+        return added
+
+    def forget(self) -> None:
+        """Forget every stream: the next discover() recreates missing groups (after NOGROUP)."""
+        self.streams.clear()
+        self._known.clear()
+
+    async def read(self, consumer: str, block: bool = True) -> list[Entry]:
+        """At most batch_size new entries across all streams, changes always given a share."""
+        if not self.streams:
+            return []
+        orders = [s for s in self.streams if is_orders(s)]
+        changes = [s for s in self.streams if not is_orders(s)]
+        share = max(1, int(self.batch_size * CHANGES_SHARE)) if changes else 0
+        entries = await self._read(consumer, orders, self.batch_size - share, None)
+        filled = len(entries) == self.batch_size - share
+        entries += await self._read(consumer, changes, self.batch_size - len(entries), None)
+        room = self.batch_size - len(entries)
+        if filled and room > 0:
+            # orders are catching up and changes left part of their share: orders take it
+            entries += await self._read(consumer, orders, room, None)
+        if not entries and block:
+            entries = await self._read(consumer, self.streams, self.batch_size, self.block_ms)
+        return entries
+
+    async def _read(
+        self, consumer: str, streams: list[str], budget: int, block_ms: int | None
+    ) -> list[Entry]:
+        """One XREADGROUP whose per-stream COUNTs add up to at most ``budget``."""
+        if not streams or budget <= 0:
+            return []
+        # COUNT is per stream: with more streams than budget, read a rotating window of them
+        if len(streams) > budget:
+            start = self._turn % len(streams)
+            self._turn += budget
+            streams = (streams[start:] + streams[:start])[:budget]
+        count = budget // len(streams)
+        reply: Any = await self.client.xreadgroup(
+            GROUP, consumer, dict.fromkeys(streams, ">"), count=count, block=block_ms
+        )
+        return [
+            Entry(text(stream), text(entry_id), dict(fields) if fields is not None else None)
+            for stream, messages in reply or []
+            for entry_id, fields in messages
+        ]
