@@ -162,3 +162,31 @@ def test_up_on_loopback_keeps_a_development_key(settings: Settings) -> None:
     personal.Sealer(first.data.keys)  # usable as it is
     public = settings.replace("server", host="0.0.0.0")
     assert cli._dev_data_keys(public).data.keys == "", "never made up for a public listener"
+
+
+@pytest.mark.parametrize("command", ["writer", "serve"])
+def test_writer_and_serve_refuse_to_start_without_the_key_an_activity_needs(
+    settings: Settings, sync_redis: redis.Redis, command: str
+) -> None:
+    sync_redis.sadd(keys.ACTIVITIES, "ships")
+    sync_redis.hset(keys.meta("ships"), "requires_address", "1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
+    env |= {"SECKILL_REDIS_URL": settings.redis.url, "SECKILL_DEV": "1"}
+    env["SECKILL_DATABASE_URL"] = f"sqlite:///{settings.server.var_dir}/orders.db"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "seckill",
+            command,
+            *(["--port", "0"] if command == "serve" else []),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.splitlines()[-1]  # (after the development-mode warning)
+    assert last.startswith("seckill: activity 'ships' requires addresses")
+    assert "SECKILL_DATA_KEYS" in last and "Traceback" not in done.stderr
