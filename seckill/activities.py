@@ -84,6 +84,12 @@ class Activity:
     skus: tuple[Sku, ...] = ()
     tiers: Mapping[str, Tier] = field(default_factory=dict)
     requires_address: bool = False
+    _version: str = field(default="", init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # computed once: every order passes it to the reserve script
+        text = json.dumps(self._definition(), separators=(",", ":"))
+        object.__setattr__(self, "_version", hashlib.sha256(text.encode()).hexdigest()[:16])
 
     @classmethod
     def from_request(cls, body: Any) -> Activity:
@@ -193,8 +199,7 @@ class Activity:
     @property
     def version(self) -> str:
         """A digest of the definition: the reserve script refuses terms from another one."""
-        text = json.dumps(self._definition(), separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._version
 
     def script_args(self) -> list[str | int]:
         """ARGV of create_activity.lua."""
