@@ -90,6 +90,10 @@ local price = tonumber(given(17, meta[7]))
 local tier = given(18, '')
 local address = given(20, '')
 local address_hash = given(21, '')
+if not (starts_at_ms and limit and limit >= 1 and price and price >= 0) then
+  -- a caller's bug, not a shopper's outcome: refuse before any write
+  return redis.error_reply('ERR reserve_stock: malformed terms (start, limit, price)')
+end
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -132,6 +132,17 @@ def create_app(settings: Settings) -> web.Application:
         lambda: {(k,): float(e.stock_left) for k, e in catalog.entries().items()},
     )
     metrics.readings.add(
+        "seckill_sku_stock_left",
+        "Quantity of each SKU still on sale, as this process last saw it",
+        "gauge",
+        ["activity", "sku"],
+        lambda: {
+            (k, sku): float(left)
+            for k, e in catalog.entries().items()
+            for sku, left in e.sku_left.items()
+        },
+    )
+    metrics.readings.add(
         "seckill_activity_sold_out",
         "1 while this process answers sold_out without Redis",
         "gauge",

@@ -133,6 +133,8 @@ async def test_one_sku_sold_out_answers_without_redis_while_another_sells(
     shown = await (await client.get(f"/api/v1/activities/{activity_id}")).json()
     assert shown["state"] == "live"
     assert {s["sku_id"]: s["stock_left"] for s in shown["skus"]} == {"red": 0, "blue": 4}
+    metrics = await (await client.get("/metrics")).text()
+    assert f'seckill_sku_stock_left{{activity="{activity_id}",sku="red"}} 0.0' in metrics
 
 
 async def test_cancel_puts_stock_back_on_its_own_sku(
