@@ -148,3 +148,16 @@ class SqliteStore(OrderStore):
                 await self._run(work)
             finally:
                 self._executor.shutdown(wait=False)
+
+    async def orders_of(self, activity_id: str) -> list[OrderRecord]:
+        rows = await self._query(sql.SELECT_ORDERS_OF, (activity_id,))
+        return [sql.record_from_row(r) for r in rows]
+
+    async def statuses_of(self, order_ids: list[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for start in range(0, len(order_ids), 500):  # under SQLite's bound-variable limit
+            chunk = order_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            statement = f"SELECT order_id, status FROM orders WHERE order_id IN ({marks})"
+            found.update(dict(await self._query(statement, tuple(chunk))))
+        return found
