@@ -49,6 +49,17 @@ def _warn_dev_secrets(settings: Settings) -> None:
             log.warning("%s is the built-in development value: set it before a real sale", name)
 
 
+def _evicting_redis(settings: Settings) -> bool:
+    """True (after printing one line) when the configured Redis may evict keys."""
+    from seckill import eviction
+
+    refusal = eviction.check(settings)
+    if refusal is not None:
+        print(f"seckill: {refusal}", file=sys.stderr)
+        return True
+    return False
+
+
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     """Everything on one machine: embedded Redis (unless SECKILL_REDIS_URL), gateway, writer,
     expiry sweeper; orders go to SQLite under var/ unless SECKILL_DATABASE_URL."""
@@ -59,7 +70,9 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     embedded: EmbeddedRedis | None = None
     if not settings.redis.url:
         embedded = EmbeddedRedis(
-            Path(settings.server.var_dir) / "redis", appendfsync=settings.redis.appendfsync
+            Path(settings.server.var_dir) / "redis",
+            appendfsync=settings.redis.appendfsync,
+            maxmemory=settings.redis.maxmemory,
         )
         try:
             url = embedded.start()
@@ -69,6 +82,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         settings = settings.replace("redis", url=url)
         # ops tools started beside `up` (reconcile, flags) find this Redis through the file
         _url_file(settings).write_text(url + "\n", encoding="utf-8")
+    elif _evicting_redis(settings):
+        return 1
     try:
         return server.serve(settings, 1, _announce, with_orders=True)
     finally:
@@ -93,6 +108,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         print("seckill: --workers must be 1..256", file=sys.stderr)
         return 2
     _warn_dev_secrets(settings)
+    if _evicting_redis(settings):
+        return 1
     return server.serve(settings, workers, _announce)
 
 
@@ -145,6 +162,8 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
     if resolved is None:
         return 2
     settings = resolved
+    if _evicting_redis(settings):
+        return 1
 
     async def run() -> None:
         async with _connected(settings) as (client, store):

@@ -1,14 +1,30 @@
 """The invariant report of an activity: Redis and the store compared, drift named.
 
-Every figure is measured, none derived from another, so a lost or duplicated order shows:
-``orders_pending_write`` is what the writers' consumer group still holds (pending plus not yet
-delivered), ``orders_in_store`` is a count in the database, ``orders_created`` is the counter
-the reserve script bumps with each 202.
+Every figure is measured, none derived from another, so a lost or duplicated order shows.
+
+How a reading stays true under live traffic:
+
+1. Redis is read in one atomic step (report_snapshot.lua): counters, stock, holders, the order
+   records still in Redis, both streams' backlogs, the order ids of the entries the writers hold
+   pending, and the dead-letter count, all at one instant A (Redis time ``now_ms``).
+2. The store is read in one statement: every stored order of the activity.
+3. The writers' group positions are read again (B). If no writer read anything new between A
+   and B, nothing that was undelivered at A can be in the store, so the store's rows are
+   exactly "stored at A" plus some of the entries pending at A, and those are known by id:
+   a pending entry whose order is already stored (a committed batch whose XACK was lost) is
+   counted once. If a writer moved, the reading is taken again (a few ms later).
+
+Terminal orders leave Redis once the store holds them (the Retirer), so per-order checks run on
+the order records Redis still holds plus the stored orders that left it before A.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import random
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
@@ -17,9 +33,122 @@ from seckill import keys
 from seckill.activities import Activity
 from seckill.orders.record import OrderRecord
 from seckill.orders.store import OrderStore
-from seckill.orders.streams import backlog
+from seckill.orders.streams import GROUP
+from seckill.scripts import Scripts
 
 LIVE = ("reserved", "paid")
+TERMINAL = ("paid", "cancelled", "expired")
+# pending entries are bounded by writers x batch size; this many order ids are read at most
+PENDING_CAP = 50_000
+# after an AOF replay or a promotion the group cannot count its lag: count this many at most
+TAIL_CAP = 1_000
+ATTEMPTS = 40
+
+
+@functools.cache
+def _scripts() -> Scripts:
+    return Scripts.from_dir()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry_id(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms or 0), int(seq or 0)
+
+
+@dataclass(slots=True)
+class StreamState:
+    """One stream's backlog for the writers' group, at the snapshot's instant."""
+
+    position: str
+    pending: int
+    undelivered: int  # -1: not countable right now (see lower_bound)
+    lower_bound: int
+    max_deleted_id: str
+    last_delivered_id: str
+    pending_entries: list[tuple[str, str]] = field(default_factory=list)  # (entry id, order id)
+    truncated: bool = False
+
+    @classmethod
+    def parse(cls, raw: Any) -> StreamState:
+        return cls(
+            position=_text(raw[0]),
+            pending=int(raw[1]),
+            undelivered=int(raw[2]),
+            lower_bound=int(raw[3]),
+            max_deleted_id=_text(raw[4]),
+            last_delivered_id=_text(raw[5]),
+            pending_entries=[(_text(e[0]), _text(e[1])) for e in raw[6]],
+            truncated=bool(int(raw[7])),
+        )
+
+    @property
+    def total(self) -> int:
+        return self.pending + max(self.undelivered, self.lower_bound)
+
+    def deleted_unread(self) -> bool:
+        """An entry was deleted after the writers' last delivery: it can never be written."""
+        return _entry_id(self.max_deleted_id) > _entry_id(self.last_delivered_id)
+
+
+@dataclass(slots=True)
+class Snapshot:
+    now_ms: int
+    counters: dict[str, int]
+    available: int
+    holders: dict[str, int]
+    records: dict[str, OrderRecord]
+    created: StreamState
+    changes: StreamState
+    dead_letters: int
+
+    @classmethod
+    def parse(cls, raw: Any) -> Snapshot:
+        flat_counters, flat_holders, flat_orders = raw[1], raw[3], raw[4]
+        records = {}
+        for i in range(0, len(flat_orders), 2):
+            records[_text(flat_orders[i])] = OrderRecord.unpack(flat_orders[i + 1])
+        return cls(
+            now_ms=int(raw[0]),
+            counters={
+                _text(flat_counters[i]): int(flat_counters[i + 1])
+                for i in range(0, len(flat_counters), 2)
+            },
+            available=int(raw[2]),
+            holders={
+                _text(flat_holders[i]): int(flat_holders[i + 1])
+                for i in range(0, len(flat_holders), 2)
+            },
+            records=records,
+            created=StreamState.parse(raw[5]),
+            changes=StreamState.parse(raw[6]),
+            dead_letters=int(raw[7]),
+        )
+
+
+async def _snapshot(client: Redis, activity_id: str) -> Snapshot:
+    raw = await _scripts().report_snapshot(
+        client, keys.report_keys(activity_id), [GROUP, PENDING_CAP, TAIL_CAP, "full"]
+    )
+    return Snapshot.parse(raw)
+
+
+async def _positions(client: Redis, activity_id: str) -> tuple[str, str]:
+    raw = await _scripts().report_snapshot(
+        client, keys.report_keys(activity_id), [GROUP, PENDING_CAP, TAIL_CAP, "positions"]
+    )
+    return _text(raw[0]), _text(raw[1])
+
+
+async def _alive(client: Redis) -> tuple[bool, bool]:
+    pipe = client.pipeline(transaction=False)
+    pipe.exists(keys.heartbeat("writer"))
+    pipe.exists(keys.heartbeat("sweeper"))
+    writer, sweeper = await pipe.execute()
+    return bool(writer), bool(sweeper)
 
 
 async def build(client: Redis, store: OrderStore, activity_id: str) -> dict[str, Any] | None:
@@ -28,61 +157,123 @@ async def build(client: Redis, store: OrderStore, activity_id: str) -> dict[str,
     if not meta:
         return None
     activity = Activity.from_meta(meta)
-    pipe = client.pipeline(transaction=True)
-    pipe.hgetall(keys.counters(activity_id))
-    pipe.get(keys.stock(activity_id))
-    pipe.hgetall(keys.holders(activity_id))
-    pipe.hgetall(keys.orders(activity_id))
-    raw_counters, raw_stock, raw_holders, raw_orders = await pipe.execute()
-    counters = {k.decode(): int(v) for k, v in raw_counters.items()}
-    available = int(raw_stock or 0)
-    holders = {k.decode(): int(v) for k, v in raw_holders.items()}
-    records = [OrderRecord.unpack(blob) for blob in raw_orders.values()]
+    stable = False
+    for attempt in range(ATTEMPTS):
+        snap = await _snapshot(client, activity_id)
+        stored = {r.order_id: r for r in await store.orders_of(activity_id)}
+        if await _positions(client, activity_id) == (snap.created.position, snap.changes.position):
+            stable = True
+            break
+        # a writer read entries meanwhile: they may or may not be in what the store said
+        await asyncio.sleep(random.uniform(0.002, 0.01) * (1 + attempt % 5))
+    writer_alive, sweeper_alive = await _alive(client)
+    return _compare(activity_id, activity, snap, stored, stable, writer_alive, sweeper_alive)
 
-    created_backlog = await backlog(client, keys.stream(activity_id))
-    changes_backlog = await backlog(client, keys.changes(activity_id))
-    in_store = await store.count(activity_id)
 
+def _compare(
+    activity_id: str,
+    activity: Activity,
+    snap: Snapshot,
+    stored: dict[str, OrderRecord],
+    stable: bool,
+    writer_alive: bool,
+    sweeper_alive: bool,
+) -> dict[str, Any]:
+    counters = snap.counters
     initial = counters.get("initial_stock", activity.stock)
     reserved = counters.get("reserved", 0)
     paid = counters.get("paid", 0)
     created = counters.get("orders_created", 0)
+    available = snap.available
+    records = snap.records
     problems: list[str] = []
 
+    if not writer_alive:
+        problems.append("writer not running")
+    if not sweeper_alive:
+        problems.append("sweeper not running")
+    if snap.dead_letters:
+        problems.append(f"{snap.dead_letters} dead letters wait for a person")
+    if not stable:
+        problems.append("no stable reading: the writers kept reading while the store was read")
     if initial != available + reserved + paid:
         problems.append(
             f"stock: initial {initial} != available {available} + reserved {reserved} + paid {paid}"
         )
-    if in_store + created_backlog.total != created:
+
+    # stored orders as of the snapshot: those Redis still holds, and those that left it before
+    # (an order leaves Redis only once stored; one created after the snapshot is not counted)
+    retired = {
+        oid: r for oid, r in stored.items() if oid not in records and r.created_at_ms < snap.now_ms
+    }
+    in_store = len(retired) + sum(1 for oid in records if oid in stored)
+
+    queue = snap.created
+    pending_ids = {oid for _, oid in queue.pending_entries if oid}
+    already_stored = len(pending_ids & stored.keys())
+    pending_write = queue.total - already_stored
+    lost_pending = [eid for eid, oid in queue.pending_entries if not oid]
+    if lost_pending:
         problems.append(
-            f"orders: {in_store} stored + {created_backlog.total} pending write"
-            f" != {created} created"
+            f"{len(lost_pending)} pending entries of the orders stream were deleted before"
+            f" they were written, e.g. {lost_pending[0]}"
         )
+    if queue.deleted_unread():
+        problems.append(
+            "entries of the orders stream were deleted before the writers read them"
+            f" (latest deleted: {queue.max_deleted_id})"
+        )
+    if queue.undelivered < 0:
+        problems.append(
+            f"orders backlog not countable now (at least {queue.lower_bound} unread after a"
+            " Redis restart): counts unverified until the writers catch up"
+        )
+    elif queue.truncated:
+        problems.append("too many pending entries to verify the order counts")
+    elif in_store + pending_write != created:
+        problems.append(
+            f"orders: {in_store} stored + {pending_write} pending write != {created} created"
+        )
+
+    known = {**retired, **records}
     live_by_user: Counter[str] = Counter()
     by_status: Counter[str] = Counter()
-    for record in records:
+    for record in known.values():
         by_status[record.status] += record.quantity
         if record.status in LIVE:
             live_by_user[record.user_id] += record.quantity
     over = sorted(u for u, q in live_by_user.items() if q > activity.per_user_limit)
     if over:
         problems.append(f"{len(over)} users over the per-user limit, e.g. {over[0]!r}")
-    if dict(live_by_user) != holders:
+    if dict(live_by_user) != snap.holders:
         problems.append("holders disagree with the live orders")
     if by_status["reserved"] != reserved or by_status["paid"] != paid:
         problems.append("reserved/paid counters disagree with the order records")
-    if len(records) != created:
-        problems.append(f"{len(records)} order records in Redis != {created} created")
-    if created_backlog.total == 0 and changes_backlog.total == 0:
-        stored = await store.statuses(activity_id)
-        differing = [r.order_id for r in records if stored.get(r.order_id) != r.status]
+    if len(known) != created:
+        problems.append(
+            f"{created - len(known)} of {created} created orders are neither in Redis nor"
+            " in the store"
+            if len(known) < created
+            else f"{len(known)} orders known to Redis and the store != {created} created"
+        )
+    unended = sorted(oid for oid, r in retired.items() if r.status not in TERMINAL)
+    if unended:
+        problems.append(
+            f"{len(unended)} stored orders not ended are missing from Redis, e.g. {unended[0]}"
+        )
+    if stable and snap.changes.undelivered == 0 and not snap.changes.truncated:
+        # every change made before the snapshot was delivered; those still pending may or may
+        # not be in the store, so their orders are left out of the comparison
+        touched = {oid for _, oid in snap.changes.pending_entries}
+        differing = sorted(
+            oid
+            for oid, record in records.items()
+            if oid in stored and oid not in touched and stored[oid].status != record.status
+        )
         if differing:
             problems.append(
                 f"{len(differing)} orders differ between Redis and the store, e.g. {differing[0]}"
             )
-        extra = set(stored) - {r.order_id for r in records}
-        if extra:
-            problems.append(f"{len(extra)} stored orders unknown to Redis")
 
     return {
         "activity_id": activity_id,
@@ -93,8 +284,11 @@ async def build(client: Redis, store: OrderStore, activity_id: str) -> dict[str,
         "released": counters.get("released", 0),
         "orders_created": created,
         "orders_in_store": in_store,
-        "orders_pending_write": created_backlog.total,
-        "changes_pending_write": changes_backlog.total,
+        "orders_pending_write": pending_write,
+        "changes_pending_write": snap.changes.total,
+        "dead_letters": snap.dead_letters,
+        "writer_alive": writer_alive,
+        "sweeper_alive": sweeper_alive,
         "consistent": not problems,
         "problems": problems,
     }
