@@ -11,6 +11,9 @@
 -- KEYS[5] counters   hash    reserved, paid
 -- KEYS[6] event      string  msgpack {order id, payload hash, answer} of this provider's event
 -- KEYS[7] retiring   zset    order id -> time (ms) it ended (paid orders leave Redis later)
+-- KEYS[8] legacy     string  the answer stored for this event id before events were bound to
+--                            their order (read only: a provider retrying an old event still
+--                            gets its answer and causes no second effect)
 -- ARGV[1] order id
 -- ARGV[2] event id
 -- ARGV[3] amount in cents
@@ -34,6 +37,10 @@ if stored then
     return {'conflict'}
   end
   return {event[3]}
+end
+local legacy = redis.call('GET', KEYS[8])
+if legacy then
+  return {legacy}
 end
 local price = redis.call('HGET', KEYS[1], 'price_cents')
 if not price then

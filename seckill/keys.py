@@ -66,7 +66,7 @@ def dead_letters(activity_id: str) -> str:
 
 
 def payment_event(activity_id: str, event_id: str) -> str:
-    """String: the stored answer of one payment callback event."""
+    """String: the answer of one payment event as stored before events were bound (read only)."""
     return f"{_tag(activity_id)}:pay:{event_id}"
 
 
@@ -131,6 +131,7 @@ def payment_keys(activity_id: str, event_id: str, provider: str = "seckill") -> 
         counters(activity_id),
         payment_event_of(activity_id, provider, event_id),
         retiring(activity_id),
+        payment_event(activity_id, event_id),
     ]
 
 

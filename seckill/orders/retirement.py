@@ -25,6 +25,7 @@ from seckill import keys
 from seckill.errors import RedisUnavailable
 from seckill.orders.store import OrderStore, StoreUnavailable
 from seckill.scripts import CONNECTION_ERRORS, Scripts
+from seckill.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,14 @@ class Retirer:
         self.grace_s = grace_s
         self.batch_size = batch_size
         self.stats = RetirerStats()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: Redis, store: OrderStore) -> Retirer:
+        """A Retirer configured by the ``[retirer]`` section."""
+        r = settings.retirer
+        return cls(
+            client, store, interval_s=r.interval_s, grace_s=r.grace_s, batch_size=r.batch_size
+        )
 
     async def retire_once(self) -> int:
         """One pass over every activity; returns how many order records left Redis."""

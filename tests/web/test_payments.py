@@ -145,3 +145,18 @@ async def test_a_refused_callback_does_not_burn_its_event_id(
     status, body = await _notify(client, settings, order_id, "ev-x", amount=PRICE - 1)
     assert status == 400 and body["error"]["code"] == "invalid_request"
     assert await _notify(client, settings, order_id, "ev-x") == (200, {"result": "paid"})
+
+
+async def test_an_event_answered_before_the_upgrade_still_replays(
+    client: Client, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    """Invariant: an event answered under the old (unbound) key has no second effect."""
+    activity_id = await _activity(client, settings)
+    order_id = await _buy(client, settings, activity_id, "alice")
+    sync_redis.set(keys.payment_event(activity_id, "old-ev"), "refund_required")
+    assert await _notify(client, settings, order_id, "old-ev") == (
+        200,
+        {"result": "refund_required"},
+    )
+    assert _paid(sync_redis, activity_id) == 0
+    assert await _notify(client, settings, order_id, "new-ev") == (200, {"result": "paid"})
