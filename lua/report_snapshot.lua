@@ -14,10 +14,13 @@
 -- ARGV[3] most entries counted one by one when the group cannot count its lag (after an AOF
 --         replay or a promotion); beyond it the backlog is "at least" this many
 -- ARGV[4] "full", or "positions" (only the groups' positions, to see whether writers moved)
+-- ARGV[5] most order records (and holders) returned; past it neither is read, so a report
+--         on a huge sale never blocks Redis (the per-order checks are then skipped)
 --
 -- Returns, for "positions": {orders position, changes position}
 -- and for "full": {now_ms, counters, stock, holders, orders, orders stream, changes stream,
--- dead-letter count}, where a stream is
+-- dead-letter count, number of order records in Redis}, where holders and orders are empty
+-- when there are more records than ARGV[5], and a stream is
 -- {position, pending, undelivered (-1: unknown), undelivered lower bound, max deleted id,
 --  last delivered id, pending entries {entry id, order id ("" once the entry is gone)},
 --  pending count truncated (0/1)}
@@ -127,13 +130,20 @@ end
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local record_count = redis.call('HLEN', KEYS[4])
+local holders, records = {}, {}
+if record_count <= tonumber(ARGV[5]) then
+  holders = redis.call('HGETALL', KEYS[3])
+  records = redis.call('HGETALL', KEYS[4])
+end
 return {
   now_ms,
   redis.call('HGETALL', KEYS[1]),
   redis.call('GET', KEYS[2]) or '0',
-  redis.call('HGETALL', KEYS[3]),
-  redis.call('HGETALL', KEYS[4]),
+  holders,
+  records,
   stream_state(KEYS[5], 'o'),
   stream_state(KEYS[6], 'c'),
   redis.call('XLEN', KEYS[7]),
+  record_count,
 }

@@ -43,6 +43,9 @@ PENDING_CAP = 50_000
 # after an AOF replay or a promotion the group cannot count its lag: count this many at most
 TAIL_CAP = 1_000
 ATTEMPTS = 40
+# past this many order records in Redis the per-order checks are skipped: reading them all
+# would block Redis (and move megabytes) in the middle of a big sale
+DEEP_LIMIT = 100_000
 
 
 @functools.cache
@@ -104,6 +107,12 @@ class Snapshot:
     created: StreamState
     changes: StreamState
     dead_letters: int
+    record_count: int
+
+    @property
+    def deep(self) -> bool:
+        """True when the order records (and holders) were read, for the per-order checks."""
+        return len(self.records) == self.record_count
 
     @classmethod
     def parse(cls, raw: Any) -> Snapshot:
@@ -126,19 +135,20 @@ class Snapshot:
             created=StreamState.parse(raw[5]),
             changes=StreamState.parse(raw[6]),
             dead_letters=int(raw[7]),
+            record_count=int(raw[8]),
         )
 
 
-async def _snapshot(client: Redis, activity_id: str) -> Snapshot:
+async def _snapshot(client: Redis, activity_id: str, deep_limit: int) -> Snapshot:
     raw = await _scripts().report_snapshot(
-        client, keys.report_keys(activity_id), [GROUP, PENDING_CAP, TAIL_CAP, "full"]
+        client, keys.report_keys(activity_id), [GROUP, PENDING_CAP, TAIL_CAP, "full", deep_limit]
     )
     return Snapshot.parse(raw)
 
 
 async def _positions(client: Redis, activity_id: str) -> tuple[str, str]:
     raw = await _scripts().report_snapshot(
-        client, keys.report_keys(activity_id), [GROUP, PENDING_CAP, TAIL_CAP, "positions"]
+        client, keys.report_keys(activity_id), [GROUP, PENDING_CAP, TAIL_CAP, "positions", 0]
     )
     return _text(raw[0]), _text(raw[1])
 
@@ -151,7 +161,32 @@ async def _alive(client: Redis) -> tuple[bool, bool]:
     return bool(writer), bool(sweeper)
 
 
-async def build(client: Redis, store: OrderStore, activity_id: str) -> dict[str, Any] | None:
+@dataclass(slots=True)
+class StoreReading:
+    """What the store said, in one statement, right after the snapshot."""
+
+    in_store: int  # orders of the activity stored as of the snapshot
+    pending_stored: int  # entries pending in the group whose order is already stored
+    rows: dict[str, OrderRecord] | None  # every stored order (None: per-order checks skipped)
+
+
+async def _read_store(store: OrderStore, activity_id: str, snap: Snapshot) -> StoreReading:
+    pending_ids = {oid for _, oid in snap.created.pending_entries if oid}
+    if not snap.deep:
+        total, pending_stored = await store.count_with(activity_id, sorted(pending_ids))
+        return StoreReading(total, pending_stored, None)
+    rows = {r.order_id: r for r in await store.orders_of(activity_id)}
+    # orders Redis holds, plus those that left it before the snapshot (an order leaves Redis
+    # only once stored); one created after the snapshot is not counted
+    in_store = sum(
+        1 for oid, r in rows.items() if oid in snap.records or r.created_at_ms < snap.now_ms
+    )
+    return StoreReading(in_store, len(pending_ids & rows.keys()), rows)
+
+
+async def build(
+    client: Redis, store: OrderStore, activity_id: str, *, deep_limit: int = DEEP_LIMIT
+) -> dict[str, Any] | None:
     """The contract's report plus ``problems`` (what is wrong, in words); None if unknown."""
     meta: Any = await client.hgetall(keys.meta(activity_id))
     if not meta:
@@ -159,22 +194,22 @@ async def build(client: Redis, store: OrderStore, activity_id: str) -> dict[str,
     activity = Activity.from_meta(meta)
     stable = False
     for attempt in range(ATTEMPTS):
-        snap = await _snapshot(client, activity_id)
-        stored = {r.order_id: r for r in await store.orders_of(activity_id)}
+        snap = await _snapshot(client, activity_id, deep_limit)
+        reading = await _read_store(store, activity_id, snap)
         if await _positions(client, activity_id) == (snap.created.position, snap.changes.position):
             stable = True
             break
         # a writer read entries meanwhile: they may or may not be in what the store said
         await asyncio.sleep(random.uniform(0.002, 0.01) * (1 + attempt % 5))
     writer_alive, sweeper_alive = await _alive(client)
-    return _compare(activity_id, activity, snap, stored, stable, writer_alive, sweeper_alive)
+    return _compare(activity_id, activity, snap, reading, stable, writer_alive, sweeper_alive)
 
 
 def _compare(
     activity_id: str,
     activity: Activity,
     snap: Snapshot,
-    stored: dict[str, OrderRecord],
+    reading: StoreReading,
     stable: bool,
     writer_alive: bool,
     sweeper_alive: bool,
@@ -185,7 +220,6 @@ def _compare(
     paid = counters.get("paid", 0)
     created = counters.get("orders_created", 0)
     available = snap.available
-    records = snap.records
     problems: list[str] = []
 
     if not writer_alive:
@@ -201,17 +235,9 @@ def _compare(
             f"stock: initial {initial} != available {available} + reserved {reserved} + paid {paid}"
         )
 
-    # stored orders as of the snapshot: those Redis still holds, and those that left it before
-    # (an order leaves Redis only once stored; one created after the snapshot is not counted)
-    retired = {
-        oid: r for oid, r in stored.items() if oid not in records and r.created_at_ms < snap.now_ms
-    }
-    in_store = len(retired) + sum(1 for oid in records if oid in stored)
-
+    in_store = reading.in_store
     queue = snap.created
-    pending_ids = {oid for _, oid in queue.pending_entries if oid}
-    already_stored = len(pending_ids & stored.keys())
-    pending_write = queue.total - already_stored
+    pending_write = queue.total - reading.pending_stored
     lost_pending = [eid for eid, oid in queue.pending_entries if not oid]
     if lost_pending:
         problems.append(
@@ -235,6 +261,42 @@ def _compare(
             f"orders: {in_store} stored + {pending_write} pending write != {created} created"
         )
 
+    if reading.rows is not None:
+        problems += _order_checks(activity, snap, reading.rows, stable)
+
+    return {
+        "activity_id": activity_id,
+        "initial_stock": initial,
+        "available": available,
+        "reserved": reserved,
+        "paid": paid,
+        "released": counters.get("released", 0),
+        "orders_created": created,
+        "orders_in_store": in_store,
+        "orders_pending_write": pending_write,
+        "changes_pending_write": snap.changes.total,
+        "dead_letters": snap.dead_letters,
+        "writer_alive": writer_alive,
+        "sweeper_alive": sweeper_alive,
+        "orders_checked": reading.rows is not None,
+        "consistent": not problems,
+        "problems": problems,
+    }
+
+
+def _order_checks(
+    activity: Activity, snap: Snapshot, stored: dict[str, OrderRecord], stable: bool
+) -> list[str]:
+    """Per-order checks on the records Redis holds plus the stored orders that left Redis."""
+    records = snap.records
+    counters = snap.counters
+    reserved = counters.get("reserved", 0)
+    paid = counters.get("paid", 0)
+    created = counters.get("orders_created", 0)
+    problems: list[str] = []
+    retired = {
+        oid: r for oid, r in stored.items() if oid not in records and r.created_at_ms < snap.now_ms
+    }
     known = {**retired, **records}
     live_by_user: Counter[str] = Counter()
     by_status: Counter[str] = Counter()
@@ -274,21 +336,4 @@ def _compare(
             problems.append(
                 f"{len(differing)} orders differ between Redis and the store, e.g. {differing[0]}"
             )
-
-    return {
-        "activity_id": activity_id,
-        "initial_stock": initial,
-        "available": available,
-        "reserved": reserved,
-        "paid": paid,
-        "released": counters.get("released", 0),
-        "orders_created": created,
-        "orders_in_store": in_store,
-        "orders_pending_write": pending_write,
-        "changes_pending_write": snap.changes.total,
-        "dead_letters": snap.dead_letters,
-        "writer_alive": writer_alive,
-        "sweeper_alive": sweeper_alive,
-        "consistent": not problems,
-        "problems": problems,
-    }
+    return problems

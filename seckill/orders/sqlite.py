@@ -8,6 +8,7 @@ entry has nowhere else to come back from.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -161,3 +162,11 @@ class SqliteStore(OrderStore):
             statement = f"SELECT order_id, status FROM orders WHERE order_id IN ({marks})"
             found.update(dict(await self._query(statement, tuple(chunk))))
         return found
+
+    async def count_with(self, activity_id: str, order_ids: list[str]) -> tuple[int, int]:
+        statement = (
+            "SELECT COUNT(*), COALESCE(SUM(order_id IN (SELECT value FROM json_each(?))), 0)"
+            " FROM orders WHERE activity_id = ?"
+        )
+        rows = await self._query(statement, (json.dumps(order_ids), activity_id))
+        return int(rows[0][0]), int(rows[0][1])

@@ -203,6 +203,10 @@ class OrderStore(abc.ABC):
     async def statuses_of(self, order_ids: list[str]) -> dict[str, str]:
         """Order id -> status of those of ``order_ids`` the store holds (one query per chunk)."""
 
+    @abc.abstractmethod
+    async def count_with(self, activity_id: str, order_ids: list[str]) -> tuple[int, int]:
+        """(stored orders of the activity, how many of ``order_ids`` are among them): one read."""
+
 
 def open_store(url: str) -> OrderStore:
     """The store a database URL names (postgresql://… or sqlite:///path)."""

@@ -157,6 +157,36 @@ async def test_a_committed_batch_whose_ack_was_lost_is_counted_once(
     assert sync_redis.xpending(stream, GROUP)["pending"] == 0
 
 
+async def test_counts_hold_without_reading_every_order(
+    gateway: Client, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    """A report past the record limit (a huge sale) still counts once and still sees a loss."""
+    from seckill import report
+
+    client = gateway
+    services = client.server.app[SERVICES]
+    activity_id = await _activity(client, settings)
+    for n in range(5):
+        assert (await _buy(client, settings, activity_id, f"u{n}", "k")).status == 202
+    stream = keys.stream(activity_id)
+    await ensure_group(services.redis, stream)
+    reply: Any = await services.redis.xreadgroup(GROUP, "crashed", {stream: ">"}, count=3)
+    records = [OrderRecord.unpack(f[b"o"]) for _, f in reply[0][1]]
+    await services.store.write(Batch(created=records))
+
+    body = await report.build(services.redis, services.store, activity_id, deep_limit=2)
+    assert body is not None and body["orders_checked"] is False
+    assert (body["orders_in_store"], body["orders_pending_write"]) == (3, 2)
+    assert body["consistent"] is True, body["problems"]
+
+    await Writer(services.redis, services.store, WriterConfig(block_ms=10), "crashed").drain()
+    url = getattr(services.store, "url", None) or getattr(services.store, "path", "")
+    await _delete_row(str(url), records[0].order_id)
+    body = await report.build(services.redis, services.store, activity_id, deep_limit=2)
+    assert body is not None and body["consistent"] is False
+    assert "orders: 4 stored + 0 pending write != 5 created" in body["problems"]
+
+
 async def test_a_lost_stream_entry_makes_the_next_report_inconsistent(
     gateway: Client, settings: Settings, sync_redis: redis.Redis
 ) -> None:

@@ -352,6 +352,7 @@ async def test_report_is_consistent_and_reconcile_catches_a_lost_row(
         "dead_letters": 0,
         "writer_alive": True,
         "sweeper_alive": True,
+        "orders_checked": True,
         "consistent": True,
         "problems": [],
     }
