@@ -44,8 +44,7 @@ SELECT_PAYMENTS = _numbered(sql.SELECT_PAYMENTS)
 SELECT_ORDERS_OF = _numbered(sql.SELECT_ORDERS_OF)
 SELECT_STATUSES_OF = "SELECT order_id, status FROM orders WHERE order_id = ANY($1)"
 COUNT_WITH = (
-    "SELECT COUNT(*), COUNT(*) FILTER (WHERE order_id = ANY($2)) FROM orders"
-    " WHERE activity_id = $1"
+    "SELECT COUNT(*), COUNT(*) FILTER (WHERE order_id = ANY($2)) FROM orders WHERE activity_id = $1"
 )
 
 

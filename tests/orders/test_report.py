@@ -213,6 +213,27 @@ async def test_a_lost_stream_entry_makes_the_next_report_inconsistent(
     assert "orders: 2 stored + 0 pending write != 3 created" in report["problems"], report
 
 
+async def test_a_lost_pending_entry_is_named(
+    gateway: Client, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    client = gateway
+    services = client.server.app[SERVICES]
+    activity_id = await _activity(client, settings)
+    stream = keys.stream(activity_id)
+    await ensure_group(services.redis, stream)
+    for n in range(2):
+        assert (await _buy(client, settings, activity_id, f"u{n}", "k")).status == 202
+    # delivered to a writer that has not written it yet, then deleted from the stream
+    reply: Any = await services.redis.xreadgroup(GROUP, "slow", {stream: ">"}, count=1)
+    sync_redis.xdel(stream, reply[0][1][0][0])
+    report = await _report(client, settings, activity_id)
+    assert report["consistent"] is False
+    assert any(
+        p.startswith("1 pending entries of the orders stream were deleted")
+        for p in report["problems"]
+    ), report
+
+
 async def test_a_deleted_store_row_makes_the_next_report_inconsistent(
     gateway: Client, settings: Settings
 ) -> None:
