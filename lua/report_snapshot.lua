@@ -22,7 +22,7 @@
 -- dead-letter count, number of order records in Redis}, where holders and orders are empty
 -- when there are more records than ARGV[5], and a stream is
 -- {position, pending, undelivered (-1: unknown), undelivered lower bound, max deleted id,
---  last delivered id, pending entries {entry id, order id ("" once the entry is gone)},
+--  last delivered id (with no group: the first entry's id), pending entries {entry id, order id ("" once the entry is gone)},
 --  pending count truncated (0/1)}
 -- and a position is "<last delivered id>/<entries read>" ("" when there is no group).
 -- Read-only: it writes nothing.
@@ -85,9 +85,15 @@ local function stream_state(key, field)
   local max_deleted = tostring(info['max-deleted-entry-id'])
   local group = group_of(key)
   if not group then
-    -- no writer has started yet: every entry is undelivered (nothing was trimmed either)
+    -- no group (no writer started yet, or the group was lost): every entry is undelivered;
+    -- the first one's id stands in for the last delivered (the reader takes what is below it)
     local length = redis.call('XLEN', key)
-    return {'', 0, length, length, max_deleted, '0-0', {}, 0}
+    local first = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)
+    local first_id = '0-0'
+    if #first > 0 then
+      first_id = first[1][1]
+    end
+    return {'', 0, length, length, max_deleted, first_id, {}, 0}
   end
   local last = tostring(group['last-delivered-id'])
   local undelivered = -1

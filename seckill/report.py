@@ -94,7 +94,15 @@ class StreamState:
 
     def deleted_unread(self) -> bool:
         """An entry was deleted after the writers' last delivery: it can never be written."""
+        if not self.position:  # no group: the stream's length already leaves it out
+            return False
         return _entry_id(self.max_deleted_id) > _entry_id(self.last_delivered_id)
+
+    def delivered_ms(self) -> int:
+        """Orders created after this millisecond (Redis time) had not been delivered."""
+        ms = _entry_id(self.last_delivered_id)[0]
+        # no group: every entry in the stream is undelivered, from the first one on
+        return ms if self.position else max(ms - 1, 0)
 
 
 @dataclass(slots=True)
@@ -166,22 +174,29 @@ class StoreReading:
     """What the store said, in one statement, right after the snapshot."""
 
     in_store: int  # orders of the activity stored as of the snapshot
-    pending_stored: int  # entries pending in the group whose order is already stored
+    # orders already stored whose creation entry the group still holds: pending (a committed
+    # batch whose XACK was lost), or not even delivered (a writer that wrote an order's change,
+    # which carries the whole record, before its creation entry)
+    pending_stored: int
     rows: dict[str, OrderRecord] | None  # every stored order (None: per-order checks skipped)
 
 
 async def _read_store(store: OrderStore, activity_id: str, snap: Snapshot) -> StoreReading:
     pending_ids = {oid for _, oid in snap.created.pending_entries if oid}
+    # an entry id is the Redis time its order was created at (both stamped by one script),
+    # so an order created after the last delivered entry's millisecond was not delivered yet
+    delivered_ms = snap.created.delivered_ms()
     if not snap.deep:
-        total, pending_stored = await store.count_with(activity_id, sorted(pending_ids))
-        return StoreReading(total, pending_stored, None)
+        total, pending_stored, undelivered_stored = await store.count_with(
+            activity_id, sorted(pending_ids), delivered_ms
+        )
+        return StoreReading(total, pending_stored + undelivered_stored, None)
     rows = {r.order_id: r for r in await store.orders_of(activity_id)}
     # orders Redis holds, plus those that left it before the snapshot (an order leaves Redis
     # only once stored); one created after the snapshot is not counted
-    in_store = sum(
-        1 for oid, r in rows.items() if oid in snap.records or r.created_at_ms < snap.now_ms
-    )
-    return StoreReading(in_store, len(pending_ids & rows.keys()), rows)
+    counted = [r for oid, r in rows.items() if oid in snap.records or r.created_at_ms < snap.now_ms]
+    undelivered_stored = sum(1 for r in counted if r.created_at_ms > delivered_ms)
+    return StoreReading(len(counted), len(pending_ids & rows.keys()) + undelivered_stored, rows)
 
 
 async def build(

@@ -44,7 +44,8 @@ SELECT_PAYMENTS = _numbered(sql.SELECT_PAYMENTS)
 SELECT_ORDERS_OF = _numbered(sql.SELECT_ORDERS_OF)
 SELECT_STATUSES_OF = "SELECT order_id, status FROM orders WHERE order_id = ANY($1)"
 COUNT_WITH = (
-    "SELECT COUNT(*), COUNT(*) FILTER (WHERE order_id = ANY($2)) FROM orders WHERE activity_id = $1"
+    "SELECT COUNT(*), COUNT(*) FILTER (WHERE order_id = ANY($2)),"
+    " COUNT(*) FILTER (WHERE created_at_ms > $3) FROM orders WHERE activity_id = $1"
 )
 
 
@@ -183,6 +184,8 @@ class PostgresStore(OrderStore):
         rows = await self._run(lambda db: db.fetch(SELECT_STATUSES_OF, order_ids))
         return {r[0]: r[1] for r in rows}
 
-    async def count_with(self, activity_id: str, order_ids: list[str]) -> tuple[int, int]:
-        row = await self._run(lambda db: db.fetchrow(COUNT_WITH, activity_id, order_ids))
-        return int(row[0]), int(row[1])
+    async def count_with(
+        self, activity_id: str, order_ids: list[str], after_ms: int
+    ) -> tuple[int, int, int]:
+        row = await self._run(lambda db: db.fetchrow(COUNT_WITH, activity_id, order_ids, after_ms))
+        return int(row[0]), int(row[1]), int(row[2])

@@ -163,10 +163,12 @@ class SqliteStore(OrderStore):
             found.update(dict(await self._query(statement, tuple(chunk))))
         return found
 
-    async def count_with(self, activity_id: str, order_ids: list[str]) -> tuple[int, int]:
+    async def count_with(
+        self, activity_id: str, order_ids: list[str], after_ms: int
+    ) -> tuple[int, int, int]:
         statement = (
-            "SELECT COUNT(*), COALESCE(SUM(order_id IN (SELECT value FROM json_each(?))), 0)"
-            " FROM orders WHERE activity_id = ?"
+            "SELECT COUNT(*), COALESCE(SUM(order_id IN (SELECT value FROM json_each(?))), 0),"
+            " COALESCE(SUM(created_at_ms > ?), 0) FROM orders WHERE activity_id = ?"
         )
-        rows = await self._query(statement, (json.dumps(order_ids), activity_id))
-        return int(rows[0][0]), int(rows[0][1])
+        rows = await self._query(statement, (json.dumps(order_ids), after_ms, activity_id))
+        return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])

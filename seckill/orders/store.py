@@ -204,8 +204,11 @@ class OrderStore(abc.ABC):
         """Order id -> status of those of ``order_ids`` the store holds (one query per chunk)."""
 
     @abc.abstractmethod
-    async def count_with(self, activity_id: str, order_ids: list[str]) -> tuple[int, int]:
-        """(stored orders of the activity, how many of ``order_ids`` are among them): one read."""
+    async def count_with(
+        self, activity_id: str, order_ids: list[str], after_ms: int
+    ) -> tuple[int, int, int]:
+        """Stored orders of the activity, how many of ``order_ids`` are among them, and how many
+        were created after ``after_ms``: one read."""
 
 
 def open_store(url: str) -> OrderStore:

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from seckill import keys
 from seckill.orders.record import OrderRecord
 from seckill.orders.retirement import Retirer
-from seckill.orders.store import Batch
+from seckill.orders.store import Batch, Transition
 from seckill.orders.streams import GROUP, ensure_group
 from seckill.orders.sweeper import Sweeper
 from seckill.orders.writer import Writer, WriterConfig
@@ -155,6 +155,42 @@ async def test_a_committed_batch_whose_ack_was_lost_is_counted_once(
     assert (report["orders_in_store"], report["orders_pending_write"]) == (5, 0)
     assert report["consistent"] is True, report["problems"]
     assert sync_redis.xpending(stream, GROUP)["pending"] == 0
+
+
+@pytest.mark.parametrize("deep_limit", [100, 0])
+async def test_a_change_written_before_its_order_creation_is_counted_once(
+    gateway: Client, settings: Settings, deep_limit: int
+) -> None:
+    """A writer that takes changes before creations (fair batches) stores the order from its
+    change; its creation entry, still undelivered, is not counted a second time."""
+    import msgpack
+
+    from seckill import report
+
+    client = gateway
+    services = client.server.app[SERVICES]
+    activity_id = await _activity(client, settings)
+    for stream in (keys.stream(activity_id), keys.changes(activity_id)):
+        await ensure_group(services.redis, stream)
+    order_id = (await (await _buy(client, settings, activity_id, "u0", "k")).json())["order_id"]
+    await client.post(f"/api/v1/orders/{order_id}/cancel", headers=user_headers(settings, "u0"))
+    changes = keys.changes(activity_id)
+    reply: Any = await services.redis.xreadgroup(GROUP, "fair", {changes: ">"}, count=1)
+    entry_id, fields = reply[0][1][0]
+    change = msgpack.unpackb(fields[b"c"], raw=False)
+    transition = Transition(
+        order=OrderRecord.unpack(msgpack.packb(change["order"])),
+        from_state=change["from"],
+        to_state=change["to"],
+        at_ms=change["at"],
+    )
+    await services.store.write(Batch(transitions=[transition]))
+    await services.redis.xack(changes, GROUP, entry_id)
+
+    body = await report.build(services.redis, services.store, activity_id, deep_limit=deep_limit)
+    assert body is not None
+    assert (body["orders_in_store"], body["orders_pending_write"]) == (1, 0)
+    assert body["consistent"] is True, body["problems"]
 
 
 async def test_counts_hold_without_reading_every_order(
