@@ -49,6 +49,8 @@ class Retirer:
         interval_s: float = 1.0,
         grace_s: float = 5.0,
         batch_size: int = 500,
+        max_batches: int = 20,
+        requeue_after_s: float = 60.0,
     ) -> None:
         self.client = client
         self.store = store
@@ -56,6 +58,9 @@ class Retirer:
         self.interval_s = interval_s
         self.grace_s = grace_s
         self.batch_size = batch_size
+        # store queries per activity and pass, at most (the database never sees a storm)
+        self.max_batches = max_batches
+        self.requeue_after_s = requeue_after_s
         self.stats = RetirerStats()
 
     @classmethod
@@ -74,18 +79,20 @@ class Retirer:
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
         # "due" is decided on Redis time, the clock the scripts stamped the queue with
-        cutoff_ms = int(seconds) * 1000 + int(micros) // 1000 - int(self.grace_s * 1000)
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
         removed = 0
         for activity_id in sorted(m.decode() for m in members):
-            removed += await self._retire_activity(activity_id, cutoff_ms)
+            removed += await self._retire_activity(activity_id, now_ms)
         self.stats.retired += removed
         self.stats.passes += 1
         return removed
 
-    async def _retire_activity(self, activity_id: str, cutoff_ms: int) -> int:
+    async def _retire_activity(self, activity_id: str, now_ms: int) -> int:
+        cutoff_ms = now_ms - int(self.grace_s * 1000)
+        requeue_before_ms = now_ms - int(self.requeue_after_s * 1000)
         removed = 0
         offset = 0
-        while True:
+        for _ in range(self.max_batches):
             try:
                 raw: Any = await self.client.zrangebyscore(
                     keys.retiring(activity_id), "-inf", cutoff_ms, start=offset, num=self.batch_size
@@ -94,19 +101,21 @@ class Retirer:
                 raise RedisUnavailable() from exc
             ids = [m.decode() for m in raw]
             if not ids:
-                return removed
+                break
             stored = await self.store.statuses_of(ids)
-            args: list[str] = []
+            args: list[str | int] = [requeue_before_ms, now_ms]
             for order_id in ids:
                 args += [order_id, stored.get(order_id, "")]
             reply = await self.scripts.retire_orders(
                 self.client, keys.retire_keys(activity_id), args
             )
             removed += int(reply[0])
-            if len(ids) < self.batch_size:
-                return removed
+            if len(ids) < self.batch_size or int(reply[0]) == 0:
+                # the rest is newer than what the store has not caught up with yet: next pass
+                break
             # the ones the store has not caught up with stay queued: look past them
             offset += len(ids) - int(reply[1])
+        return removed
 
     async def run(self, stop: asyncio.Event) -> None:
         """Retire every ``interval_s`` until ``stop`` is set; ordinary faults never end it."""

@@ -198,3 +198,35 @@ async def test_only_ended_orders_the_store_holds_in_that_state_leave(
     status, body = await _notify(client, settings, ghost, "ev-ghost")
     assert status == 404 and body["error"]["code"] == "not_found"
     assert (await _cancel(client, settings, ghost, "alice")).status == 404
+
+
+async def test_an_order_whose_ending_never_reaches_the_store_does_not_hold_up_the_rest(
+    client: Client, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    """A stuck head of the queue (its change dead-lettered) moves back; the rest still leave."""
+    import msgpack
+
+    from seckill.orders.record import OrderRecord
+    from seckill.orders.store import Batch, Transition
+
+    services = client.server.app[SERVICES]
+    activity_id = await _activity(client, settings)
+    stuck = await _buy(client, settings, activity_id, "alice", "k1")
+    assert (await _cancel(client, settings, stuck, "alice")).status == 200
+    await asyncio.sleep(0.01)  # queued strictly after the stuck one
+    fine = await _buy(client, settings, activity_id, "bob", "k1")
+    assert (await _cancel(client, settings, fine, "bob")).status == 200
+    # only the second cancellation reaches the store
+    for _, fields in sync_redis.xrange(keys.changes(activity_id), "-", "+"):
+        change = msgpack.unpackb(fields[b"c"], raw=False)
+        if change["order"]["order_id"] == fine:
+            record = OrderRecord.unpack(msgpack.packb(change["order"]))
+            transition = Transition(record, change["from"], change["to"], change["at"])
+            await services.store.write(Batch(created=[record], transitions=[transition]))
+
+    retirer = Retirer(services.redis, services.store, grace_s=0, batch_size=1, requeue_after_s=0)
+    assert await retirer.retire_once() == 0, "the stuck one is looked at first, and kept"
+    assert await retirer.retire_once() == 1, "then it has moved behind the other one"
+    left = {k.decode() for k in sync_redis.hkeys(keys.orders(activity_id))}
+    assert left == {stuck}
+    assert sync_redis.zrange(keys.retiring(activity_id), 0, -1) == [stuck.encode()]
