@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from seckill import keys
 from seckill.activities import Activity
-from seckill.errors import Conflict, RedisUnavailable
+from seckill.errors import Conflict, Overloaded, RedisUnavailable
 from seckill.orders.record import OrderRecord
 from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
 
@@ -97,6 +99,22 @@ TERMINAL = frozenset({"paid", "cancelled", "expired"})
 RetiredLookup = Callable[[str], Awaitable[OrderRecord | None]]
 
 
+@contextlib.contextmanager
+def _refused_when_full() -> Iterator[None]:
+    """Redis at maxmemory (noeviction) refuses writes: fail closed with a 503, lose nothing.
+
+    The scripts check before they write, so a refused write changed nothing; reads (a replay,
+    sold_out) still answer.
+    """
+    try:
+        yield
+    except redis_errors.ResponseError as exc:
+        # redis-py names the OOM reply OutOfMemoryError (and strips its prefix)
+        if isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM"):
+            raise Overloaded("the stock service is full, retry later", retry_after=2) from exc
+        raise
+
+
 def payment_hash(event_id: str, order_id: str, amount_cents: int, success: bool) -> str:
     """What makes two callbacks of one event "the same": sha256 of their parsed content.
 
@@ -155,7 +173,8 @@ class Stock:
                 limits.admission_rate,
                 limits.admission_burst,
             ]
-            reply = await self._coalescer.call(self._scripts.reserve_stock, script_keys, args)
+            with _refused_when_full():
+                reply = await self._coalescer.call(self._scripts.reserve_stock, script_keys, args)
             code = reply[0]
             if code == b"collision":
                 continue
@@ -180,9 +199,10 @@ class Stock:
         activity_id = keys.activity_of_order(order_id)
         if activity_id is None:
             return Release.NOT_FOUND
-        reply = await self._scripts.release_stock(
-            self._client, keys.release_keys(activity_id), [order_id, cause, owner]
-        )
+        with _refused_when_full():
+            reply = await self._scripts.release_stock(
+                self._client, keys.release_keys(activity_id), [order_id, cause, owner]
+            )
         outcome = _RELEASES[reply[0]]
         if outcome is Release.RELEASED:
             try:
@@ -214,6 +234,29 @@ class Stock:
         if activity_id is None:
             return Payment.NOT_FOUND
         payload_hash = payload_hash or payment_hash(event_id, order_id, amount_cents, success)
+        with _refused_when_full():
+            return await self._pay(
+                activity_id,
+                order_id,
+                event_id,
+                amount_cents,
+                success,
+                payload_hash,
+                provider,
+                retired,
+            )
+
+    async def _pay(
+        self,
+        activity_id: str,
+        order_id: str,
+        event_id: str,
+        amount_cents: int,
+        success: bool,
+        payload_hash: str,
+        provider: str,
+        retired: RetiredLookup | None,
+    ) -> Payment:
         binding_key = keys.payment_binding(provider, event_id)
         binding = f"{order_id} {payload_hash}"
         if not await self._bind(binding_key, binding):

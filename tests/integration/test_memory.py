@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -87,3 +88,42 @@ def test_maxmemory_is_a_setting() -> None:
     assert loaded.redis.maxmemory == "256mb"
     with pytest.raises(settings_module.SettingsError, match=r"redis\.maxmemory"):
         settings_module.load(environ=env | {"SECKILL_REDIS_MAXMEMORY": "lots"})
+
+
+async def test_a_full_redis_refuses_new_orders_with_503_and_loses_nothing(
+    client: Any, settings: Any, sync_redis: redis.Redis
+) -> None:
+    """Invariant: at maxmemory (noeviction) a purchase fails closed; nothing is half-written,
+    an accepted order's retry still replays, and sales resume once memory is back."""
+    from seckill import keys
+    from tests.helpers import activity_body, admin_headers, user_headers
+
+    body = activity_body(stock=5)
+    activity_id = body["id"]
+    await client.post("/admin/v1/activities", json=body, headers=admin_headers(settings))
+    url = f"/api/v1/activities/{activity_id}/orders"
+    first = await client.post(url, json={"quantity": 1}, headers=user_headers(settings, "a", "k"))
+    assert first.status == 202
+    order_id = (await first.json())["order_id"]
+    before = sync_redis.hgetall(keys.counters(activity_id))
+    previous = sync_redis.config_get("maxmemory")["maxmemory"]
+    sync_redis.config_set("maxmemory", 1)  # used memory is now over the limit
+    try:
+        full = await client.post(
+            url, json={"quantity": 1}, headers=user_headers(settings, "b", "k")
+        )
+        assert full.status == 503 and (await full.json())["error"]["code"] == "overloaded"
+        assert full.headers["Retry-After"]
+        replay = await client.post(
+            url, json={"quantity": 1}, headers=user_headers(settings, "a", "k")
+        )
+        assert replay.status == 202 and (await replay.json())["order_id"] == order_id
+        cancel = await client.post(
+            f"/api/v1/orders/{order_id}/cancel", headers=user_headers(settings, "a")
+        )
+        assert cancel.status == 503
+    finally:
+        sync_redis.config_set("maxmemory", previous)
+    assert sync_redis.hgetall(keys.counters(activity_id)) == before, "nothing half-written"
+    again = await client.post(url, json={"quantity": 1}, headers=user_headers(settings, "b", "k"))
+    assert again.status == 202
