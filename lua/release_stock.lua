@@ -7,6 +7,8 @@
 -- KEYS[4] deadlines  zset    order id -> payment deadline (ms)
 -- KEYS[5] changes    stream  status transitions for the order writer (field "c": msgpack)
 -- KEYS[6] counters   hash    reserved (held, unpaid), released (cumulative)
+-- KEYS[7] retiring   zset    order id -> time (ms) it ended; the Retirer drops the record from
+--                            Redis once the store holds it in that state (bounded memory)
 -- ARGV[1] order id
 -- ARGV[2] cause: "cancelled" (owner's request) or "expired" (sweeper)
 -- ARGV[3] user id that must own the order ("" for the sweeper)
@@ -37,6 +39,7 @@ order['status'] = ARGV[2]
 local record = cmsgpack.pack(order)
 redis.call('HSET', KEYS[3], ARGV[1], record)
 redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[7], now_ms, ARGV[1])
 local left = redis.call('INCRBY', KEYS[1], quantity)
 if redis.call('HINCRBY', KEYS[2], order['user_id'], -quantity) <= 0 then
   redis.call('HDEL', KEYS[2], order['user_id'])
