@@ -18,24 +18,28 @@ settle refunds as ABNORMAL.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -693,3 +697,108 @@ class FakeWechatPayServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+# --- one machine: `seckill up --fake-wechatpay` and `python -m seckill.payments.fake_wechatpay`
+
+DEV_MCHID = "1900000001"
+DEV_APPID = "wx0000000000000001"
+DEV_MERCHANT_SERIAL = "DEV0000000000000000000000000000000000001"
+DEV_PLATFORM_SERIAL = "PUB_KEY_ID_0000DEV00000000000000000000001"
+
+
+@dataclasses.dataclass
+class DevelopmentSetup:
+    """A local WeChat Pay and the merchant side that matches it, with keys made at run time."""
+
+    fake: FakeWechatPay
+    merchant_key: rsa.RSAPrivateKey
+
+    def environment(self, directory: Path, base_url: str, notify_url: str) -> dict[str, str]:
+        """Write the merchant's key files under ``directory``; the SECKILL_WECHATPAY_* to use."""
+        directory.mkdir(parents=True, exist_ok=True)
+        merchant_file = directory / "wechatpay_merchant_key.pem"
+        public_file = directory / "wechatpay_public_key.pem"
+        apiv3_file = directory / "wechatpay_apiv3_key"
+        _write_secret(
+            merchant_file,
+            self.merchant_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        _write_secret(apiv3_file, self.fake.apiv3_key)
+        platform_public = self.fake.platform_keys[self.fake.signing_serial].public_key()
+        public_file.write_bytes(
+            platform_public.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        return {
+            "SECKILL_WECHATPAY_MCHID": self.fake.mchid,
+            "SECKILL_WECHATPAY_APPID": self.fake.appid,
+            "SECKILL_WECHATPAY_MERCHANT_SERIAL": DEV_MERCHANT_SERIAL,
+            "SECKILL_WECHATPAY_MERCHANT_KEY_FILE": str(merchant_file),
+            "SECKILL_WECHATPAY_APIV3_KEY_FILE": str(apiv3_file),
+            "SECKILL_WECHATPAY_PUBLIC_KEY_ID": self.fake.signing_serial,
+            "SECKILL_WECHATPAY_PUBLIC_KEY_FILE": str(public_file),
+            "SECKILL_WECHATPAY_NOTIFY_URL": notify_url,
+            "SECKILL_WECHATPAY_BASE_URL": base_url,
+        }
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    # created 0600 from the start: never readable by others, even for a moment
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+
+
+def development_setup(*, retry_scale: float = 1.0) -> DevelopmentSetup:
+    """A fake WeChat Pay with fresh keys and an APIv3 key, for one machine."""
+    merchant = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    platform = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    fake = FakeWechatPay(
+        mchid=DEV_MCHID,
+        appid=DEV_APPID,
+        apiv3_key=secrets.token_hex(16).encode(),
+        merchant_public_keys={DEV_MERCHANT_SERIAL: merchant.public_key()},
+        platform_keys={DEV_PLATFORM_SERIAL: platform},
+        retry_scale=retry_scale,
+    )
+    return DevelopmentSetup(fake, merchant)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    setup = development_setup(retry_scale=args.retry_scale)
+    server = FakeWechatPayServer(setup.fake, args.host, args.port)
+    base_url = await server.start()
+    environment = setup.environment(Path(args.dir), base_url, args.notify_url)
+    env_file = Path(args.dir) / "wechatpay.env"
+    env_file.write_text("".join(f"{name}={value}\n" for name, value in environment.items()))
+    log.warning("local WeChat Pay on %s; merchant settings in %s", base_url, env_file)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a local WeChat Pay until interrupted, writing the merchant's settings to --dir."""
+    parser = argparse.ArgumentParser(prog="python -m seckill.payments.fake_wechatpay")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--dir", default="var/wechatpay", help="where the key files go")
+    parser.add_argument(
+        "--notify-url", default="http://127.0.0.1:8080/api/v1/payments/wechat/notify"
+    )
+    parser.add_argument("--retry-scale", type=float, default=1.0, help="compress retry waits")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()
