@@ -136,6 +136,7 @@ class QueryResult:
     mchid: str
     appid: str
     success_time: str | None
+    for_us: bool  # mchid and appid are ours
 
     @property
     def paid(self) -> bool:

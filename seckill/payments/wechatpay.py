@@ -540,6 +540,7 @@ class WechatPay:
         )
         try:
             amount = _object(answer, "amount")
+            mchid, appid = _text(answer, "mchid"), _text(answer, "appid")
             return QueryResult(
                 order_id=order_id,
                 out_trade_no=_text(answer, "out_trade_no"),
@@ -547,9 +548,10 @@ class WechatPay:
                 transaction_id=_text(answer, "transaction_id", optional=True) or None,
                 amount_total=_int(amount, "total") if "total" in amount else None,
                 payer_openid=_text(_object(answer, "payer"), "openid", optional=True) or None,
-                mchid=_text(answer, "mchid"),
-                appid=_text(answer, "appid"),
+                mchid=mchid,
+                appid=appid,
                 success_time=_text(answer, "success_time", optional=True) or None,
+                for_us=mchid == self.config.mchid and appid == self.config.appid,
             )
         except _Shape as exc:
             raise ProviderUnavailable(f"WeChat Pay answered a malformed query: {exc}") from None
