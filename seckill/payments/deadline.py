@@ -68,7 +68,7 @@ async def settle_at_deadline(provider: PaymentProvider, order_id: str) -> Settle
     except ProviderUnavailable as exc:
         return Settlement(Verdict.RETRY, first, f"close failed: {exc}")
     except ProviderRefused as exc:
-        if True:
+        if exc.code not in _ALREADY_PAID:
             return Settlement(Verdict.RETRY, first, f"close refused: {exc.code} {exc.message}")
         # the payer paid between our query and our close: that payment stands
         second = await _query(provider, order_id)
