@@ -88,6 +88,12 @@ def out_trade_no_for(order_id: str) -> str:
     return "h" + hashlib.sha256(order_id.encode()).hexdigest()[:31]
 
 
+def out_refund_no_for(order_id: str) -> str:
+    """The refund number for an order's payment: derived, so a retried refund is the same one."""
+    # WeChat Pay takes money for one out_trade_no at most once: one refund number per order
+    return "R" + out_trade_no_for(order_id)
+
+
 def order_id_from(out_trade_no: str) -> str | None:
     """Our order id for a readable trade number; None for a digest (use ``attach``)."""
     order_id = out_trade_no.replace("*", ".")

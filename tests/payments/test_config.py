@@ -17,9 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from seckill.payments.wechatpay import (
+    OUT_REFUND_NO_PATTERN,
     OUT_TRADE_NO_PATTERN,
     WechatPayConfig,
     order_id_from,
+    out_refund_no_for,
     out_trade_no_for,
     wechat_time,
 )
@@ -178,6 +180,8 @@ def test_every_order_id_has_a_trade_number_wechat_accepts(order_id: str) -> None
     assert OUT_TRADE_NO_PATTERN.fullmatch(out_trade_no)
     assert out_trade_no_for(order_id) == out_trade_no, "derived, so a retry finds the same order"
     assert order_id_from(out_trade_no) in (order_id, None)
+    assert OUT_REFUND_NO_PATTERN.fullmatch(out_refund_no_for(order_id))
+    assert out_refund_no_for(order_id) == out_refund_no_for(order_id)
 
 
 def test_a_short_order_id_maps_back_without_a_lookup() -> None:
