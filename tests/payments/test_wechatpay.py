@@ -8,6 +8,7 @@ nothing at all (the breaker), never a hang.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -299,6 +300,24 @@ async def test_a_valid_hand_made_notice_is_believed(wiring: Wiring, keys: Keys) 
     assert isinstance(notice, PaymentNotice) and notice.order_id == f"spring.{'b2' * 10}"
 
 
+async def test_a_notice_for_another_merchant_or_app_is_not_for_us(
+    wiring: Wiring, keys: Keys
+) -> None:
+    for other in ({"mchid": "1900000002"}, {"appid": "wx0000000000000009"}):
+        body = _notification(_transaction(f"spring.{'b2' * 10}", **other))
+        notice = wiring.client.verify_notice(_headers(body, keys.platform, PLATFORM_SERIAL), body)
+        assert isinstance(notice, PaymentNotice) and not notice.for_us
+
+
+async def test_the_order_is_named_by_the_trade_number_not_by_a_disagreeing_attach(
+    wiring: Wiring, keys: Keys
+) -> None:
+    order_id = f"spring.{'b2' * 10}"
+    body = _notification(_transaction(order_id, attach=f"other.{'c3' * 10}"))
+    notice = wiring.client.verify_notice(_headers(body, keys.platform, PLATFORM_SERIAL), body)
+    assert notice.order_id == order_id
+
+
 def _bad_signature(keys: Keys) -> tuple[dict[str, str], bytes]:
     headers, body = _valid(keys)
     return headers, body.replace(b"EV-2018", b"EV-2019")  # the body changed after signing
@@ -478,6 +497,19 @@ async def test_held_notices_are_delivered_in_reverse_order(wiring: Wiring) -> No
     wiring.fake.release_held()
     await eventually(lambda: len(wiring.receiver.notices) == 3)
     assert [n.order_id for n in wiring.receiver.notices] == [o.order_id for o in reversed(orders)]
+
+
+async def test_a_delayed_notice_arrives_after_later_ones(wiring: Wiring) -> None:
+    slow, quick = _order(), _order()
+    for order in (slow, quick):
+        await wiring.client.prepay(order)
+    wiring.fake.faults.delay_s = 60.0
+    wiring.fake.pay(out_trade_no_for(slow.order_id))
+    wiring.fake.faults.delay_s = 0.0
+    wiring.fake.pay(out_trade_no_for(quick.order_id))
+    await eventually(lambda: len(wiring.receiver.notices) == 1)
+    await asyncio.sleep(0.2)  # room for the slow one to overtake, were the delay ignored
+    assert [n.order_id for n in wiring.receiver.notices] == [quick.order_id]
 
 
 async def test_a_dropped_notice_never_arrives_but_the_query_finds_the_payment(
