@@ -229,6 +229,7 @@ class FakeWechatPay:
         self.stall_s = 0.0
         self.refund_outcome = "SUCCESS"  # or ABNORMAL: the money could not reach the payer
         self.refund_settle_s = 0.0
+        self._prepay_index: dict[str, str] = {}  # prepay_id -> out_trade_no
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self.app = web.Application(middlewares=[self._v3_middleware])
@@ -240,6 +241,7 @@ class FakeWechatPay:
                 web.post("/v3/refund/domestic/refunds", self._refund),
                 web.get("/v3/refund/domestic/refunds/{no}", self._query_refund),
                 web.post("/fake/pay/{no}", self._fake_pay),
+                web.post("/fake/request-payment", self._fake_pay),
             ]
         )
         self.app.on_cleanup.append(self._on_cleanup)
@@ -436,6 +438,7 @@ class FakeWechatPay:
         self.orders[doc["out_trade_no"]] = FakeOrder(
             doc["out_trade_no"], doc, prepay_id, expires_at
         )
+        self._prepay_index[prepay_id] = doc["out_trade_no"]
         return self._answer(200, {"prepay_id": prepay_id})
 
     def _order(self, request: web.Request) -> FakeOrder:
@@ -540,12 +543,19 @@ class FakeWechatPay:
     # -- the mini program's side
 
     async def _fake_pay(self, request: web.Request) -> web.Response:
-        """What wx.requestPayment does: check paySign with the merchant key, then pay."""
+        """What wx.requestPayment does: check paySign with the merchant key, then pay.
+
+        ``/fake/request-payment`` takes exactly the parameters the gateway gave the mini
+        program (the order is found by its prepay id); ``/fake/pay/{out_trade_no}`` names it.
+        """
         try:
             doc = json.loads(await request.read())
             if not isinstance(doc, dict):
                 raise ValueError("not an object")
-            order = self.orders.get(request.match_info["no"])
+            if "no" in request.match_info:
+                order = self.orders.get(request.match_info["no"])
+            else:
+                order = self._by_prepay_id(str(doc.get("package", "")))
             if order is None:
                 raise FakeRefusal(404, "ORDER_NOT_EXIST", "订单不存在")
             fields = [str(doc[name]) for name in ("appId", "timeStamp", "nonceStr", "package")]
@@ -568,6 +578,10 @@ class FakeWechatPay:
         except (ValueError, KeyError, UnicodeError, binascii.Error) as exc:
             return web.json_response({"code": "PARAM_ERROR", "message": str(exc)}, status=400)
         return web.json_response({"trade_state": "SUCCESS", "transaction_id": transaction_id})
+
+    def _by_prepay_id(self, package: str) -> FakeOrder | None:
+        out_trade_no = self._prepay_index.get(package.removeprefix("prepay_id="))
+        return None if out_trade_no is None else self.orders.get(out_trade_no)
 
     # -- notifications
 

@@ -193,11 +193,11 @@ async def test_paying_sends_a_signed_encrypted_notice_that_verifies_and_decrypts
 ) -> None:
     order = _order(total=4_200)
     prepay = await wiring.client.prepay(order)
-    # what the mini program does with the parameters: WeChat checks paySign, then takes money
+    # exactly what the gateway hands the mini program, as wx.requestPayment passes it on
     async with (
         aiohttp.ClientSession() as http,
         http.post(
-            f"{wiring.server.url}/fake/pay/{prepay.out_trade_no}", json=dict(prepay.request_payment)
+            f"{wiring.server.url}/fake/request-payment", json=dict(prepay.request_payment)
         ) as response,
     ):
         assert response.status == 200, await response.text()
