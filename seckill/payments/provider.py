@@ -14,6 +14,11 @@ Faults come in three meanings, and callers handle exactly these:
 - ``BadCallback``: an inbound notification we must not believe (signature, timestamp, serial,
   decryption, shape). The gateway answers it with ``status`` and ``fail_body()``, so the
   provider retries a notification that was only damaged on the way.
+
+Who calls what: the gateway ``prepay`` (then ``pay_parameters`` for a stored prepay id) and
+``verify_notice``; the sweeper ``settle_at_deadline`` (``deadline.py``: query, close, query)
+before it releases a prepaid reservation; the reconciler ``query`` for quiet prepaid orders;
+the refunder ``refund`` / ``query_refund`` with an ``out_refund_no`` derived from the payment.
 """
 
 from __future__ import annotations

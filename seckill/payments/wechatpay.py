@@ -122,7 +122,7 @@ _ENV_NAMES = {
     "merchant_serial": "MERCHANT_SERIAL",
     "merchant_key": "MERCHANT_KEY_FILE",
     "apiv3_key": "APIV3_KEY",
-    "public_keys": "PUBLIC_KEY_FILE / PUBLIC_KEY_DIR",
+    "public_keys": "PUBLIC_KEY_FILE / SECKILL_WECHATPAY_PUBLIC_KEY_DIR",
     "notify_url": "NOTIFY_URL",
     "refund_notify_url": "REFUND_NOTIFY_URL",
     "base_url": "BASE_URL",
