@@ -76,6 +76,7 @@ class FakeOrder:
     request: dict[str, Any]  # the prepay body, to tell a repeat from a conflicting reuse
     prepay_id: str
     expires_at: float  # epoch seconds
+    created_at: float = 0.0
     state: str = "NOTPAY"  # NOTPAY, SUCCESS, REFUND, CLOSED
     transaction_id: str = ""
     success_time: str = ""
@@ -229,6 +230,8 @@ class FakeWechatPay:
         self.stall_s = 0.0
         self.refund_outcome = "SUCCESS"  # or ABNORMAL: the money could not reach the payer
         self.refund_settle_s = 0.0
+        # older WeChat Pay documents forbid closing an order in its first 5 minutes; 0: allowed
+        self.close_min_age_s = 0.0
         self._prepay_index: dict[str, str] = {}  # prepay_id -> out_trade_no
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -436,7 +439,7 @@ class FakeWechatPay:
             raise FakeRefusal(400, "PARAM_ERROR", "time_expire 已过")
         prepay_id = "wx" + secrets.token_hex(17)
         self.orders[doc["out_trade_no"]] = FakeOrder(
-            doc["out_trade_no"], doc, prepay_id, expires_at
+            doc["out_trade_no"], doc, prepay_id, expires_at, created_at=self.clock()
         )
         self._prepay_index[prepay_id] = doc["out_trade_no"]
         return self._answer(200, {"prepay_id": prepay_id})
@@ -460,6 +463,8 @@ class FakeWechatPay:
         order = self._order(request)
         if order.state in ("SUCCESS", "REFUND"):
             raise FakeRefusal(400, "ORDERPAID", "订单已支付")
+        if order.state == "NOTPAY" and self.clock() - order.created_at < self.close_min_age_s:
+            raise FakeRefusal(400, "INVALID_REQUEST", "订单生成后不能马上调用关单接口")
         order.state = "CLOSED"
         return self._answer(204, None)
 

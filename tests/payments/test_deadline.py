@@ -116,3 +116,14 @@ async def test_a_failed_close_keeps_the_stock_held_until_a_later_close_succeeds(
 def test_backoff_doubles_up_to_its_ceiling() -> None:
     assert [backoff_s(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
     assert backoff_s(50) == 300.0 and backoff_s(10**9) == 300.0
+
+
+async def test_a_close_refused_for_a_young_order_keeps_the_stock_held(wiring: Wiring) -> None:
+    """Older WeChat Pay documents forbid closing in the first 5 minutes: a short reservation
+    must then wait, never be released while WeChat Pay could still take the money."""
+    order = await _prepaid(wiring)
+    wiring.fake.close_min_age_s = 300.0
+    refused = await settle_at_deadline(wiring.client, order.order_id)
+    assert refused.verdict is Verdict.RETRY and "INVALID_REQUEST" in refused.reason
+    wiring.fake.close_min_age_s = 0.0
+    assert (await settle_at_deadline(wiring.client, order.order_id)).verdict is Verdict.UNPAID
