@@ -18,7 +18,8 @@ Faults come in three meanings, and callers handle exactly these:
 Who calls what: the gateway ``prepay`` (then ``pay_parameters`` for a stored prepay id) and
 ``verify_notice``; the sweeper ``settle_at_deadline`` (``deadline.py``: query, close, query)
 before it releases a prepaid reservation; the reconciler ``query`` for quiet prepaid orders;
-the refunder ``refund`` / ``query_refund`` with an ``out_refund_no`` derived from the payment.
+the refunder ``refund_step`` / ``follow_up`` (``refunds.py``) with an ``out_refund_no``
+derived from the payment.
 """
 
 from __future__ import annotations
