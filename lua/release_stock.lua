@@ -8,7 +8,9 @@
 -- KEYS[5] changes    stream  status transitions for the order writer (field "c": msgpack)
 -- KEYS[6] counters   hash    reserved (held, unpaid), released (cumulative), and per SKU
 --                            held:<sku>, released:<sku>
--- KEYS[7] skus       hash    SKU id -> quantity on sale (optional; absent before SKUs)
+-- KEYS[7] retiring   zset    order id -> time (ms) it ended; the Retirer drops the record from
+--                            Redis once the store holds it in that state (bounded memory)
+-- KEYS[8] skus       hash    SKU id -> quantity on sale (optional; absent before SKUs)
 -- ARGV[1] order id
 -- ARGV[2] cause: "cancelled" (owner's request) or "expired" (sweeper)
 -- ARGV[3] user id that must own the order ("" for the sweeper)
@@ -39,14 +41,15 @@ order['status'] = ARGV[2]
 local record = cmsgpack.pack(order)
 redis.call('HSET', KEYS[3], ARGV[1], record)
 redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[7], now_ms, ARGV[1])
 local left = redis.call('INCRBY', KEYS[1], quantity)
 if redis.call('HINCRBY', KEYS[2], order['user_id'], -quantity) <= 0 then
   redis.call('HDEL', KEYS[2], order['user_id'])
 end
 redis.call('HINCRBY', KEYS[6], 'reserved', -quantity)
 redis.call('HINCRBY', KEYS[6], 'released', quantity)
-if KEYS[7] and order['sku_id'] and redis.call('HEXISTS', KEYS[7], order['sku_id']) == 1 then
-  redis.call('HINCRBY', KEYS[7], order['sku_id'], quantity)
+if KEYS[8] and order['sku_id'] and redis.call('HEXISTS', KEYS[8], order['sku_id']) == 1 then
+  redis.call('HINCRBY', KEYS[8], order['sku_id'], quantity)
   redis.call('HINCRBY', KEYS[6], 'held:' .. order['sku_id'], -quantity)
   redis.call('HINCRBY', KEYS[6], 'released:' .. order['sku_id'], quantity)
 end

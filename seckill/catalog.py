@@ -24,6 +24,7 @@ from seckill import keys
 from seckill.activities import Activity
 from seckill.errors import RedisUnavailable
 from seckill.events import Events, reraise_pending_cancel
+from seckill.orders.streams import backlog
 from seckill.scripts import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ class Entry:
     holders_version: int = -1
     # SKU id -> quantity of it still on sale (empty for an activity from before SKUs)
     sku_left: dict[str, int] = field(default_factory=dict)
+    # orders accepted and not yet written, and whether that passes [writer] backlog_ceiling
+    # (read with each refresh, so the purchase path decides without a Redis call)
+    backlog: int = 0
+    over_ceiling: bool = False
 
     def sold_out_for(self, user_id: str, sku_id: str | None = None) -> bool:
         """True when the fast path may answer sold_out to this user without asking Redis.
@@ -59,8 +64,16 @@ class Entry:
 
 
 class Catalog:
-    def __init__(self, client: Redis, *, refresh_interval_s: float, negative_cache_s: float):
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        refresh_interval_s: float,
+        negative_cache_s: float,
+        backlog_ceiling: int = 0,
+    ):
         self._client = client
+        self._backlog_ceiling = backlog_ceiling
         self._refresh_interval_s = refresh_interval_s
         self._negative_cache_s = negative_cache_s
         self._entries: dict[str, Entry] = {}
@@ -139,6 +152,8 @@ class Catalog:
         some_gone = entry.stock_left <= 0 or any(v <= 0 for v in entry.sku_left.values())
         if some_gone and entry.holders_version != entry.orders_created:
             await self._snapshot_holders(activity_id, entry)
+        if self._backlog_ceiling > 0:
+            await self._read_backlog(activity_id, entry)
         self._entries[activity_id] = entry
         return entry
 
@@ -155,6 +170,14 @@ class Catalog:
         entry.orders_created = int(created or 0)
         entry.holders = frozenset(h.decode() for h in holders)
         entry.holders_version = entry.orders_created
+
+    async def _read_backlog(self, activity_id: str, entry: Entry) -> None:
+        try:
+            waiting = await backlog(self._client, keys.stream(activity_id))
+        except CONNECTION_ERRORS as exc:
+            raise RedisUnavailable() from exc
+        entry.backlog = waiting.total
+        entry.over_ceiling = waiting.total > self._backlog_ceiling
 
     def note_reserved(
         self, activity_id: str, stock_left: int, sku_id: str = "", sku_left: int | None = None

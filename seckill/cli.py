@@ -86,6 +86,17 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _evicting_redis(settings: Settings) -> bool:
+    """True (after printing one line) when the configured Redis may evict keys."""
+    from seckill import eviction
+
+    refusal = eviction.check(settings)
+    if refusal is not None:
+        print(f"seckill: {refusal}", file=sys.stderr)
+        return True
+    return False
+
+
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     """Everything on one machine: embedded Redis (unless SECKILL_REDIS_URL), gateway, writer,
     expiry sweeper; orders go to SQLite under var/ unless SECKILL_DATABASE_URL."""
@@ -103,7 +114,9 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     embedded: EmbeddedRedis | None = None
     if not settings.redis.url:
         embedded = EmbeddedRedis(
-            Path(settings.server.var_dir) / "redis", appendfsync=settings.redis.appendfsync
+            Path(settings.server.var_dir) / "redis",
+            appendfsync=settings.redis.appendfsync,
+            maxmemory=settings.redis.maxmemory,
         )
         try:
             url = embedded.start()
@@ -113,6 +126,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         settings = settings.replace("redis", url=url)
         # ops tools started beside `up` (reconcile, flags) find this Redis through the file
         _url_file(settings).write_text(url + "\n", encoding="utf-8")
+    elif _evicting_redis(settings):
+        return 1
     try:
         problem = _data_key_problem(settings)
         if problem:
@@ -142,6 +157,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     if _refuse_published_secrets(settings, "serve"):
         return 2
+    if _evicting_redis(settings):
+        return 1
     server.raise_open_files_limit()
     problem = _data_key_problem(settings)
     if problem:
@@ -201,6 +218,8 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
     if resolved is None:
         return 2
     settings = resolved
+    if _evicting_redis(settings):
+        return 1
     problem = _data_key_problem(settings)
     if problem:
         print(f"seckill: {problem}", file=sys.stderr)

@@ -53,9 +53,17 @@ def free_port() -> int:
 class EmbeddedRedis:
     """Starts and stops one redis-server child process."""
 
-    def __init__(self, data_dir: Path, *, appendfsync: str = "everysec", port: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        appendfsync: str = "everysec",
+        port: int = 0,
+        maxmemory: str = "1gb",
+    ) -> None:
         self.data_dir = data_dir
         self.appendfsync = appendfsync
+        self.maxmemory = maxmemory
         self.port = port
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -91,6 +99,12 @@ class EmbeddedRedis:
             "",
             "--protected-mode",
             "yes",
+            # bounded, and never evicting: a full Redis refuses new orders (503) instead of
+            # silently dropping idempotency keys, payment answers or order records
+            "--maxmemory",
+            self.maxmemory,
+            "--maxmemory-policy",
+            "noeviction",
         ]
         self._process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent

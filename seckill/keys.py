@@ -66,7 +66,7 @@ def dead_letters(activity_id: str) -> str:
 
 
 def payment_event(activity_id: str, event_id: str) -> str:
-    """String: the stored answer of one payment callback event."""
+    """String: the answer of one payment event as stored before events were bound (read only)."""
     return f"{_tag(activity_id)}:pay:{event_id}"
 
 
@@ -118,11 +118,12 @@ def release_keys(activity_id: str) -> list[str]:
         deadlines(activity_id),
         changes(activity_id),
         counters(activity_id),
+        retiring(activity_id),
         sku_stock(activity_id),
     ]
 
 
-def payment_keys(activity_id: str, event_id: str) -> list[str]:
+def payment_keys(activity_id: str, event_id: str, provider: str = "seckill") -> list[str]:
     """KEYS of confirm_payment.lua, in its order."""
     return [
         meta(activity_id),
@@ -130,6 +131,8 @@ def payment_keys(activity_id: str, event_id: str) -> list[str]:
         deadlines(activity_id),
         changes(activity_id),
         counters(activity_id),
+        payment_event_of(activity_id, provider, event_id),
+        retiring(activity_id),
         payment_event(activity_id, event_id),
     ]
 
@@ -166,6 +169,45 @@ def heartbeat(loop: str) -> str:
 def writer_consumer(name: str) -> str:
     """String with a TTL: "<pid>:<process>:<writer>" of the writer holding this consumer name."""
     return f"{PREFIX}:writer:consumer:{name}"
+
+
+def retiring(activity_id: str) -> str:
+    """Sorted set order id -> Redis time (ms) it reached a terminal state; the Retirer's queue."""
+    return f"{_tag(activity_id)}:retiring"
+
+
+def retire_keys(activity_id: str) -> list[str]:
+    """KEYS of retire_orders.lua, in its order."""
+    return [orders(activity_id), retiring(activity_id)]
+
+
+def payment_event_of(activity_id: str, provider: str, event_id: str) -> str:
+    """String: msgpack {order id, payload hash, answer} of one provider's payment event."""
+    return f"{_tag(activity_id)}:payevt:{provider}:{event_id}"
+
+
+def payment_binding(provider: str, event_id: str) -> str:
+    """String "<order id> <payload hash>": binds an event id across activities (no hash tag).
+
+    The event key above lives in the order's slot; an event id reused on another activity's
+    order would land in another slot, so this untagged key (SET NX before the script) is what
+    notices it on Redis Cluster.
+    """
+    return f"{PREFIX}:payevt:{provider}:{event_id}"
+
+
+def report_keys(activity_id: str) -> list[str]:
+    """KEYS of report_snapshot.lua, in its order."""
+    return [
+        counters(activity_id),
+        stock(activity_id),
+        holders(activity_id),
+        orders(activity_id),
+        stream(activity_id),
+        changes(activity_id),
+        dead_letters(activity_id),
+        sku_stock(activity_id),
+    ]
 
 
 def sku_stock(activity_id: str) -> str:

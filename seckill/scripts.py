@@ -66,6 +66,9 @@ class Scripts:
     confirm_payment: Script
     set_flag: Script
     take_token: Script
+    retire_orders: Script
+    unbind_payment_event: Script
+    report_snapshot: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:

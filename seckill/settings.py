@@ -58,6 +58,7 @@ class RedisSettings:
     pipeline_max: int
     pipelines_in_flight: int
     appendfsync: str
+    maxmemory: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,11 +103,19 @@ class WriterSettings:
     trim_interval_s: float
     consumer: str
     metrics_port: int
+    backlog_ceiling: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SweeperSettings:
     interval_s: float
+    batch_size: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetirerSettings:
+    interval_s: float
+    grace_s: float
     batch_size: int
 
 
@@ -153,6 +162,7 @@ class Settings:
     protection: ProtectionSettings
     limits: LimitsSettings
     upstreams: UpstreamsSettings
+    retirer: RetirerSettings
     data: DataSettings
 
     @property
@@ -327,6 +337,19 @@ def _check(settings: Settings) -> None:
         "protection.redis_reset_timeout_s",
         "must be > 0",
     )
+    need(
+        re.fullmatch(r"(?i)[0-9]+(b|k|kb|m|mb|g|gb)?", s.redis.maxmemory) is not None,
+        "redis.maxmemory",
+        f'expected a size such as "1gb" or "512mb", got {s.redis.maxmemory!r}',
+    )
+    need(s.writer.backlog_ceiling >= 0, "writer.backlog_ceiling", "must be >= 0 (0: off)")
+    need(0 < s.retirer.interval_s <= 60, "retirer.interval_s", "must be in (0, 60]")
+    need(
+        0 <= s.retirer.grace_s <= 50,
+        "retirer.grace_s",
+        "must be in [0, 50] (an ended order leaves Redis within a minute)",
+    )
+    need(1 <= s.retirer.batch_size <= 10_000, "retirer.batch_size", "must be 1..10000")
     from seckill.personal import settings_problem
 
     data_problem = settings_problem(s.data.keys, s.data.cipher, s.data.hash_key)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import hashlib
+import json
 import logging
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from seckill import keys
 from seckill.activities import Activity
-from seckill.errors import Conflict, RedisUnavailable
+from seckill.errors import Conflict, Overloaded, RedisUnavailable
 from seckill.orders.record import OrderRecord
 from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
 
@@ -85,6 +90,8 @@ class Payment(enum.Enum):
     IGNORED = "ignored"
     NOT_FOUND = "not_found"
     AMOUNT_MISMATCH = "amount_mismatch"
+    CONFLICT = "conflict"  # the event id is bound to another order or payload
+    GONE = "gone"  # the order has left Redis: the store says how it ended
 
 
 _RELEASES = {r.value.encode(): r for r in Release}
@@ -92,6 +99,39 @@ _PAYMENTS = {p.value.encode(): p for p in Payment}
 
 # payment providers retry callbacks for days; their answers are kept well beyond that
 PAYMENT_EVENT_TTL_S = 30 * 86_400
+# states an order leaves Redis in (it never comes back from them)
+TERMINAL = frozenset({"paid", "cancelled", "expired"})
+
+RetiredLookup = Callable[[str], Awaitable[OrderRecord | None]]
+
+
+@contextlib.contextmanager
+def _refused_when_full() -> Iterator[None]:
+    """Redis at maxmemory (noeviction) refuses writes: fail closed with a 503, lose nothing.
+
+    The scripts check before they write, so a refused write changed nothing; reads (a replay,
+    sold_out) still answer.
+    """
+    try:
+        yield
+    except redis_errors.ResponseError as exc:
+        # redis-py names the OOM reply OutOfMemoryError (and strips its prefix)
+        if isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM"):
+            raise Overloaded("the stock service is full, retry later", retry_after=2) from exc
+        raise
+
+
+def payment_hash(event_id: str, order_id: str, amount_cents: int, success: bool) -> str:
+    """What makes two callbacks of one event "the same": sha256 of their parsed content.
+
+    Parsed, not raw: a provider that re-sends an event with other whitespace or key order is
+    still sending the same event; any change of order, amount or status is another payload.
+    """
+    content = json.dumps(
+        [event_id, order_id, amount_cents, "SUCCESS" if success else "FAILED"],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(content.encode()).hexdigest()
 
 
 def fingerprint(quantity: int, sku_id: str = "", address_hash: str = "") -> str:
@@ -157,7 +197,8 @@ class Stock:
             ]
             if terms is not None:
                 args += terms.script_args(order_id)
-            reply = await self._coalescer.call(self._scripts.reserve_stock, script_keys, args)
+            with _refused_when_full():
+                reply = await self._coalescer.call(self._scripts.reserve_stock, script_keys, args)
             code = reply[0]
             if code == b"collision":
                 continue
@@ -187,9 +228,10 @@ class Stock:
         activity_id = keys.activity_of_order(order_id)
         if activity_id is None:
             return Release.NOT_FOUND
-        reply = await self._scripts.release_stock(
-            self._client, keys.release_keys(activity_id), [order_id, cause, owner]
-        )
+        with _refused_when_full():
+            reply = await self._scripts.release_stock(
+                self._client, keys.release_keys(activity_id), [order_id, cause, owner]
+            )
         outcome = _RELEASES[reply[0]]
         if outcome is Release.RELEASED:
             try:
@@ -200,23 +242,96 @@ class Stock:
                 )
         return outcome
 
-    async def pay(self, order_id: str, event_id: str, amount_cents: int, success: bool) -> Payment:
-        """Apply one payment callback, exactly once per event id."""
+    async def pay(
+        self,
+        order_id: str,
+        event_id: str,
+        amount_cents: int,
+        success: bool,
+        payload_hash: str = "",
+        provider: str = "seckill",
+        retired: RetiredLookup | None = None,
+    ) -> Payment:
+        """Apply one payment callback, exactly once per (provider, event id).
+
+        The event id is first bound to (order, payload) under an untagged key, so the same id
+        on another activity's order is seen even on Redis Cluster; the script then applies the
+        event and stores its answer in the order's own slot. ``retired`` looks an order up in
+        the store once it has left Redis (a late callback still gets its answer).
+        """
         activity_id = keys.activity_of_order(order_id)
         if activity_id is None:
             return Payment.NOT_FOUND
-        reply = await self._scripts.confirm_payment(
-            self._client,
-            keys.payment_keys(activity_id, event_id),
-            [
+        payload_hash = payload_hash or payment_hash(event_id, order_id, amount_cents, success)
+        with _refused_when_full():
+            return await self._pay(
+                activity_id,
                 order_id,
                 event_id,
                 amount_cents,
-                "SUCCESS" if success else "FAILED",
-                PAYMENT_EVENT_TTL_S,
-            ],
-        )
-        return _PAYMENTS[reply[0]]
+                success,
+                payload_hash,
+                provider,
+                retired,
+            )
+
+    async def _pay(
+        self,
+        activity_id: str,
+        order_id: str,
+        event_id: str,
+        amount_cents: int,
+        success: bool,
+        payload_hash: str,
+        provider: str,
+        retired: RetiredLookup | None,
+    ) -> Payment:
+        binding_key = keys.payment_binding(provider, event_id)
+        binding = f"{order_id} {payload_hash}"
+        if not await self._bind(binding_key, binding):
+            return Payment.CONFLICT
+        args: list[str | int | float] = [
+            order_id,
+            event_id,
+            amount_cents,
+            "SUCCESS" if success else "FAILED",
+            PAYMENT_EVENT_TTL_S,
+            payload_hash,
+            provider,
+            0,  # the quantity, once the order has left Redis
+            "",  # and its unit price
+        ]
+        script_keys = keys.payment_keys(activity_id, event_id, provider)
+        reply = await self._scripts.confirm_payment(self._client, script_keys, args)
+        outcome = _PAYMENTS[reply[0]]
+        if outcome is Payment.GONE:
+            record = await retired(order_id) if retired is not None else None
+            if record is None or record.status not in TERMINAL:
+                outcome = Payment.NOT_FOUND
+            else:
+                args[-2:] = [record.quantity, record.price_cents]
+                reply = await self._scripts.confirm_payment(self._client, script_keys, args)
+                outcome = _PAYMENTS[reply[0]]
+        if outcome in (Payment.NOT_FOUND, Payment.AMOUNT_MISMATCH, Payment.GONE):
+            # nothing was stored for the event: a corrected callback may use its id
+            await self._scripts.unbind_payment_event(self._client, [binding_key], [binding])
+            if outcome is Payment.GONE:
+                outcome = Payment.NOT_FOUND
+        return outcome
+
+    async def _bind(self, key: str, binding: str) -> bool:
+        """Bind an event id to (order, payload); False when it is bound to something else."""
+        try:
+            for _ in range(3):
+                if await self._client.set(key, binding, nx=True, ex=PAYMENT_EVENT_TTL_S):
+                    return True
+                current: Any = await self._client.get(key)
+                if current is not None:
+                    return bool(current.decode() == binding)
+                # expired between the two calls: bind again
+        except CONNECTION_ERRORS as exc:
+            raise RedisUnavailable() from exc
+        return False  # pragma: no cover - three expiries in a row
 
     async def due(self, activity_id: str, now_ms: int, limit: int) -> list[str]:
         """Reserved orders of the activity whose payment deadline has passed."""

@@ -75,6 +75,12 @@ COUNT_ORDERS = _numbered(sql.COUNT_ORDERS)
 SELECT_STATUSES = _numbered(sql.SELECT_STATUSES)
 SELECT_EVENTS = _numbered(sql.SELECT_EVENTS)
 SELECT_PAYMENTS = _numbered(sql.SELECT_PAYMENTS)
+SELECT_ORDERS_OF = _numbered(sql.SELECT_ORDERS_OF)
+SELECT_STATUSES_OF = "SELECT order_id, status FROM orders WHERE order_id = ANY($1)"
+COUNT_WITH = (
+    "SELECT COUNT(*), COUNT(*) FILTER (WHERE order_id = ANY($2)),"
+    " COUNT(*) FILTER (WHERE created_at_ms > $3) FROM orders WHERE activity_id = $1"
+)
 SELECT_ADDRESSES = _numbered(sql.SELECT_ADDRESSES)
 UPDATE_ADDRESS = _numbered(sql.UPDATE_ADDRESS)
 
@@ -206,6 +212,22 @@ class PostgresStore(OrderStore):
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+    async def orders_of(self, activity_id: str) -> list[OrderRecord]:
+        rows = await self._run(lambda db: db.fetch(SELECT_ORDERS_OF, activity_id))
+        return [sql.record_from_row(r) for r in rows]
+
+    async def statuses_of(self, order_ids: list[str]) -> dict[str, str]:
+        if not order_ids:
+            return {}
+        rows = await self._run(lambda db: db.fetch(SELECT_STATUSES_OF, order_ids))
+        return {r[0]: r[1] for r in rows}
+
+    async def count_with(
+        self, activity_id: str, order_ids: list[str], after_ms: int
+    ) -> tuple[int, int, int]:
+        row = await self._run(lambda db: db.fetchrow(COUNT_WITH, activity_id, order_ids, after_ms))
+        return int(row[0]), int(row[1]), int(row[2])
 
     async def addresses(self, after: str, skip_prefix: str, limit: int) -> list[tuple[str, str]]:
         rows = await self._run(

@@ -7,6 +7,7 @@ import logging
 
 from redis.asyncio import Redis
 
+from seckill.orders.retirement import Retirer
 from seckill.orders.store import OrderStore
 from seckill.orders.supervisor import Supervisor
 from seckill.orders.sweeper import Sweeper
@@ -19,10 +20,11 @@ log = logging.getLogger(__name__)
 
 
 class OrderService:
-    """An order writer and an expiry sweeper sharing one Redis client and one store.
+    """The order writer, the expiry sweeper and the retirer, sharing one client and one store.
 
     Each runs under its own Supervisor: a crash restarts it with backoff, and its heartbeat
-    key tells the report and /readyz whether it is alive.
+    key tells the report and /readyz whether it is alive. The retirer removes ended orders from
+    Redis once the store holds them, which is what keeps Redis's memory bounded.
     """
 
     def __init__(self, settings: Settings, client: Redis, store: OrderStore) -> None:
@@ -51,9 +53,11 @@ class OrderService:
         self.sweeper = Sweeper(
             stock, interval_s=settings.sweeper.interval_s, batch_size=settings.sweeper.batch_size
         )
+        self.retirer = Retirer.from_settings(settings, client, store)
         self.supervisors = [
             Supervisor("writer", self.writer.run, client),
             Supervisor("sweeper", self.sweeper.run, client),
+            Supervisor("retirer", self.retirer.run, client),
         ]
 
     def alive(self) -> dict[str, bool]:

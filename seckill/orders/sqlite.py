@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -169,6 +170,29 @@ class SqliteStore(OrderStore):
                 await self._run(work)
             finally:
                 self._executor.shutdown(wait=False)
+
+    async def orders_of(self, activity_id: str) -> list[OrderRecord]:
+        rows = await self._query(sql.SELECT_ORDERS_OF, (activity_id,))
+        return [sql.record_from_row(r) for r in rows]
+
+    async def statuses_of(self, order_ids: list[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for start in range(0, len(order_ids), 500):  # under SQLite's bound-variable limit
+            chunk = order_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            statement = f"SELECT order_id, status FROM orders WHERE order_id IN ({marks})"
+            found.update(dict(await self._query(statement, tuple(chunk))))
+        return found
+
+    async def count_with(
+        self, activity_id: str, order_ids: list[str], after_ms: int
+    ) -> tuple[int, int, int]:
+        statement = (
+            "SELECT COUNT(*), COALESCE(SUM(order_id IN (SELECT value FROM json_each(?))), 0),"
+            " COALESCE(SUM(created_at_ms > ?), 0) FROM orders WHERE activity_id = ?"
+        )
+        rows = await self._query(statement, (json.dumps(order_ids), after_ms, activity_id))
+        return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
 
     async def addresses(self, after: str, skip_prefix: str, limit: int) -> list[tuple[str, str]]:
         rows = await self._query(

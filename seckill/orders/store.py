@@ -155,6 +155,11 @@ SELECT_EVENTS = (
     "SELECT from_state, to_state, cause, at_ms FROM order_events WHERE order_id = ? ORDER BY at_ms"
 )
 SELECT_PAYMENTS = "SELECT event_id, result FROM payment_events WHERE order_id = ? ORDER BY at_ms"
+SELECT_ORDERS_OF = (
+    "SELECT order_id, activity_id, user_id, quantity, status, created_at_ms, expires_at_ms,"
+    " paid_at_ms, sku_id, price_cents, tier, address, address_hash FROM orders"
+    " WHERE activity_id = ?"
+)
 
 CAUSES = {"paid": "payment", "cancelled": "cancel", "expired": "expiry"}
 
@@ -238,6 +243,21 @@ class OrderStore(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections."""
+
+    @abc.abstractmethod
+    async def orders_of(self, activity_id: str) -> list[OrderRecord]:
+        """Every stored order of the activity, read in one statement (the report's reading)."""
+
+    @abc.abstractmethod
+    async def statuses_of(self, order_ids: list[str]) -> dict[str, str]:
+        """Order id -> status of those of ``order_ids`` the store holds (one query per chunk)."""
+
+    @abc.abstractmethod
+    async def count_with(
+        self, activity_id: str, order_ids: list[str], after_ms: int
+    ) -> tuple[int, int, int]:
+        """Stored orders of the activity, how many of ``order_ids`` are among them, and how many
+        were created after ``after_ms``: one read."""
 
     @abc.abstractmethod
     async def addresses(self, after: str, skip_prefix: str, limit: int) -> list[tuple[str, str]]:

@@ -122,6 +122,7 @@ def create_app(settings: Settings) -> web.Application:
         client,
         refresh_interval_s=settings.purchase.refresh_interval_s,
         negative_cache_s=settings.purchase.negative_cache_s,
+        backlog_ceiling=settings.writer.backlog_ceiling,
     )
     metrics = Metrics()
     metrics.readings.add(
@@ -151,6 +152,20 @@ def create_app(settings: Settings) -> web.Application:
             (k,): float(e.stock_left <= 0 and e.holders is not None)
             for k, e in catalog.entries().items()
         },
+    )
+    metrics.readings.add(
+        "seckill_backlog_over_ceiling",
+        "1 while order POST answers 503 overloaded: unwritten orders passed the backlog ceiling",
+        "gauge",
+        ["activity"],
+        lambda: {(k,): float(e.over_ceiling) for k, e in catalog.entries().items()},
+    )
+    metrics.readings.add(
+        "seckill_order_backlog",
+        "Orders accepted and not yet written, as this process last read it (0: not read)",
+        "gauge",
+        ["activity"],
+        lambda: {(k,): float(e.backlog) for k, e in catalog.entries().items()},
     )
     events = Events(client)
     catalog.listen(events)

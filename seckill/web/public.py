@@ -10,6 +10,7 @@ from seckill import clock, keys, skus
 from seckill.breakers import BreakerOpen
 from seckill.catalog import Entry
 from seckill.errors import (
+    Conflict,
     Degraded,
     Ended,
     IdempotencyKeyReused,
@@ -28,7 +29,7 @@ from seckill.limits import retry_after_s
 from seckill.orders.record import OrderRecord
 from seckill.orders.store import StoreUnavailable
 from seckill.skus import OrderRequest
-from seckill.stock import Outcome, Payment, Release
+from seckill.stock import Outcome, Payment, Release, payment_hash
 from seckill.web.bodies import parse_json, read_limited
 from seckill.web.middlewares import refusal
 from seckill.web.state import SERVICES, Services
@@ -45,6 +46,9 @@ _GATES: dict[str, SeckillError] = {
     "paused": Paused("this activity is paused"),
     "ended": _ENDED,
     "rate_limited": RateLimited(),
+    # the writers are behind by more than [writer] backlog_ceiling: accept nothing new until
+    # they catch up (fail closed: nothing reserved, nothing lost)
+    "overloaded": Overloaded("orders are waiting to be written, retry shortly", retry_after=2),
 }
 _REFUSALS: dict[Outcome, SeckillError] = {
     Outcome.NOT_FOUND: NotFound("no such activity"),
@@ -113,6 +117,8 @@ async def create_order(request: web.Request) -> web.Response:
 
     switches = services.switches
     gate = switches.gate(activity_id)
+    if not gate and entry.over_ceiling:
+        gate = "overloaded"
     rule = services.limits.for_activity(activity_id)
     wait = 0.0
     factor = switches.value("admission.factor")
@@ -236,7 +242,11 @@ async def _own_order(services: Services, order_id: str, user_id: str) -> OrderRe
 
 @routes.post("/api/v1/orders/{order_id}/cancel", name="order_cancel")
 async def cancel_order(request: web.Request) -> web.Response:
-    """The owner gives a reserved order up; its stock goes back on sale."""
+    """The owner gives a reserved order up; its stock goes back on sale.
+
+    A retried cancel (the first attempt's answer was lost) answers 200 again with the order,
+    whether the order is still in Redis or has left it for the store.
+    """
     services = request.app[SERVICES]
     user_id = services.users.user_id(request.headers.get("Authorization"))
     limited = _order_rate_limited(services, "cancel", user_id)
@@ -248,12 +258,12 @@ async def cancel_order(request: web.Request) -> web.Response:
     if activity_id is None or not services.catalog.known(activity_id):
         return refusal(_NO_SUCH_ORDER)
     outcome = await services.stock.release(order_id, "cancelled", owner=user_id)
-    if outcome is Release.NOT_FOUND:
-        raise NotFound("no such order")
-    if outcome is Release.NOT_CANCELLABLE:
-        await _own_order(services, order_id, user_id)  # someone else's order stays a 404
-        raise NotCancellable()
-    return web.json_response(_order_body(services, await _own_order(services, order_id, user_id)))
+    # not released: answer from what the order is now (Redis, else the store); someone
+    # else's order, or none, stays a 404
+    record = await _own_order(services, order_id, user_id)
+    if outcome is Release.RELEASED or record.status == "cancelled":
+        return web.json_response(_order_body(services, record))
+    raise NotCancellable()
 
 
 _PAYMENT_FIELDS = {"event_id", "order_id", "amount_cents", "status"}
@@ -290,7 +300,20 @@ async def payment_notify(request: web.Request) -> web.Response:
     raw = await read_limited(request, services.settings.server.max_body_bytes)
     services.payments.check_body(signature, raw)
     event_id, order_id, amount, success = _payment(parse_json(raw))
-    outcome = await services.stock.pay(order_id, event_id, amount, success)
+    try:
+        outcome = await services.stock.pay(
+            order_id,
+            event_id,
+            amount,
+            success,
+            payment_hash(event_id, order_id, amount, success),
+            provider="seckill",
+            retired=services.store.order,
+        )
+    except StoreUnavailable as exc:
+        raise Overloaded("order store unavailable") from exc
+    if outcome is Payment.CONFLICT:
+        raise Conflict("this event_id was already used with another order or payload")
     if outcome is Payment.NOT_FOUND:
         raise NotFound("no such order")
     if outcome is Payment.AMOUNT_MISMATCH:

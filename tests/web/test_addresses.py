@@ -19,7 +19,7 @@ from seckill.orders.writer import Writer, WriterConfig
 from seckill.settings import Settings
 from seckill.web.app import create_app
 from seckill.web.state import SERVICES
-from tests.helpers import activity_body, admin_headers, user_headers
+from tests.helpers import activity_body, admin_headers, loops_alive, user_headers
 
 Client = TestClient[Any, Any]
 DATA_KEY = personal.new_key("t1")
@@ -146,6 +146,7 @@ async def test_a_whole_sale_never_shows_personal_data_in_clear(
 
         services = client.server.app[SERVICES]
         await Writer(services.redis, services.store, WriterConfig(block_ms=10), "w").drain()
+        loops_alive(sync_redis)
         report = await client.get(
             f"/admin/v1/activities/{activity_id}/report", headers=admin_headers(keyed)
         )

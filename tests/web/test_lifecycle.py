@@ -211,7 +211,10 @@ async def test_cancel_returns_the_stock_once_and_only_for_the_owner(
     assert mine.status == 200
     assert (await mine.json())["status"] == "cancelled"
     twice = await client.post(url, headers=user_headers(settings, "alice"))
-    assert twice.status == 409 and (await twice.json())["error"]["code"] == "not_cancellable"
+    assert twice.status == 200, "a retried cancel answers the cancelled order again"
+    assert (await twice.json())["status"] == "cancelled"
+    theirs_again = await client.post(url, headers=user_headers(settings, "bob"))
+    assert theirs_again.status == 404
     counters = _counters(sync_redis, activity_id)
     assert counters["available"] == 1 and counters["released"] == 1 and counters["reserved"] == 0
 
@@ -324,6 +327,11 @@ async def test_report_is_consistent_and_reconcile_catches_a_lost_row(
     await _expire_now(sync_redis, client, orders[2])
 
     url = f"/admin/v1/activities/{activity_id}/report"
+    down = await (await client.get(url, headers=admin_headers(settings))).json()
+    assert down["writer_alive"] is False and down["consistent"] is False
+    assert "writer not running" in down["problems"] and "sweeper not running" in down["problems"]
+    for loop in ("writer", "sweeper"):  # as the supervisor's heartbeats would say
+        sync_redis.set(keys.heartbeat(loop), "test", ex=120)
     pending = await (await client.get(url, headers=admin_headers(settings))).json()
     assert pending["orders_pending_write"] == 8 and pending["orders_in_store"] == 0
     assert pending["consistent"] is True, pending["problems"]
@@ -342,6 +350,10 @@ async def test_report_is_consistent_and_reconcile_catches_a_lost_row(
         "orders_in_store": 8,
         "orders_pending_write": 0,
         "changes_pending_write": 0,
+        "dead_letters": 0,
+        "writer_alive": True,
+        "sweeper_alive": True,
+        "orders_checked": True,
         "consistent": True,
         "problems": [],
     }

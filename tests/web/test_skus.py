@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from seckill import keys
 from seckill.settings import Settings
 from seckill.web.state import SERVICES
-from tests.helpers import activity_body, admin_headers, user_headers
+from tests.helpers import activity_body, admin_headers, loops_alive, user_headers
 
 Client = TestClient[Any, Any]
 SKUS = [
@@ -87,6 +87,8 @@ async def test_k_skus_sold_concurrently_never_oversell_and_the_limit_spans_skus(
     assert holders == dict(per_user)
     assert int(sync_redis.get(keys.stock(activity_id))) == 0
 
+    loops_alive(sync_redis)
+
     report = await client.get(
         f"/admin/v1/activities/{activity_id}/report", headers=admin_headers(settings)
     )
@@ -149,6 +151,7 @@ async def test_cancel_puts_stock_back_on_its_own_sku(
     assert response.status == 200
     left = {k.decode(): int(v) for k, v in sync_redis.hgetall(keys.sku_stock(activity_id)).items()}
     assert left == {"red": 5, "blue": 8, "gold": 3}
+    loops_alive(sync_redis)
     report = await client.get(
         f"/admin/v1/activities/{activity_id}/report", headers=admin_headers(settings)
     )

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 from seckill import cli, keys
 from seckill.auth import PaymentSignature, UserAuth
 from seckill.settings import Settings
-from tests.helpers import activity_body, admin_headers, rfc3339
+from tests.helpers import activity_body, admin_headers, loops_alive, rfc3339
 
 Client = TestClient[Any, Any]
 PRICE, MEMBER_PRICE = 1000, 700
@@ -81,6 +81,7 @@ async def test_a_tier_buys_early_within_its_own_limit_at_its_price(
     assert seen["price_cents"] == MEMBER_PRICE and seen["tier"] == "gold"
 
     # the report holds each user to their own tier's limit: 3 units for gold is within it
+    loops_alive(sync_redis)
     report = await client.get(
         f"/admin/v1/activities/{activity_id}/report", headers=admin_headers(settings)
     )
