@@ -253,3 +253,32 @@ async def test_without_a_data_key_no_address_is_taken(
     )
     assert answer.status == 400
     assert sync_redis.hlen(keys.orders(body["id"])) == 0
+
+
+async def test_the_owner_still_sees_the_address_once_the_order_left_redis(
+    settings: Settings, sync_redis: redis.Redis
+) -> None:
+    from seckill.orders.retirement import Retirer
+
+    keyed = settings.replace("data", keys=DATA_KEY)
+    async with TestClient(TestServer(create_app(keyed))) as client:
+        body = activity_body(stock=5, per_user_limit=1)
+        await client.post("/admin/v1/activities", json=body, headers=admin_headers(keyed))
+        answer = await client.post(
+            f"/api/v1/activities/{body['id']}/orders",
+            json={"quantity": 1, "address": address(7)},
+            headers=user_headers(keyed, "u7", "k"),
+        )
+        order_id = (await answer.json())["order_id"]
+        cancelled = await client.post(
+            f"/api/v1/orders/{order_id}/cancel", headers=user_headers(keyed, "u7")
+        )
+        assert cancelled.status == 200
+        services = client.server.app[SERVICES]
+        await Writer(services.redis, services.store, WriterConfig(block_ms=10), "w").drain()
+        assert await Retirer(services.redis, services.store, grace_s=0).retire_once() == 1
+        assert not sync_redis.hexists(keys.orders(body["id"]), order_id)
+        shown = await client.get(f"/api/v1/orders/{order_id}", headers=user_headers(keyed, "u7"))
+        seen = await shown.json()
+        assert seen["status"] == "cancelled"
+        assert seen["address"] == dict(address(7), phone="139****0007")

@@ -175,3 +175,32 @@ async def test_terms_from_a_replaced_definition_are_refused_not_sold(
     assert response.status == 503 and "Retry-After" in response.headers
     assert sync_redis.hlen(keys.orders(activity_id)) == 0, "nothing sold under stale terms"
     assert int(sync_redis.get(keys.stock(activity_id))) == 10
+
+
+async def test_an_order_that_left_redis_is_still_charged_its_own_price(
+    client: Client, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    from seckill.orders.retirement import Retirer
+    from seckill.orders.writer import Writer, WriterConfig
+    from seckill.web.state import SERVICES
+
+    activity_id = await create(client, settings)
+    status, body = await order(client, settings, activity_id, "member", "gold", 2, "a")
+    assert status == 202
+    order_id = body["order_id"]
+    cancelled = await client.post(
+        f"/api/v1/orders/{order_id}/cancel", headers=tier_headers(settings, "member", "gold")
+    )
+    assert cancelled.status == 200
+    services = client.server.app[SERVICES]
+    await Writer(services.redis, services.store, WriterConfig(block_ms=10), "w").drain()
+    assert await Retirer(services.redis, services.store, grace_s=0).retire_once() == 1
+    assert not sync_redis.hexists(keys.orders(activity_id), order_id), "left Redis"
+
+    # a late SUCCESS must still match the member price the store recorded
+    status, refused = await _notify(client, settings, order_id, "late1", 2 * PRICE)
+    assert (status, refused["error"]["code"]) == (400, "invalid_request")
+    assert await _notify(client, settings, order_id, "late2", 2 * MEMBER_PRICE) == (
+        200,
+        {"result": "refund_required"},
+    )
