@@ -204,3 +204,17 @@ async def test_an_order_that_left_redis_is_still_charged_its_own_price(
         200,
         {"result": "refund_required"},
     )
+
+
+async def test_an_activity_open_to_a_tier_can_no_longer_be_replaced(
+    client: Client, settings: Settings
+) -> None:
+    body = activity_body(
+        starts_at=rfc3339(3600),
+        ends_at=rfc3339(7200),
+        tiers={"gold": {"starts_at": rfc3339(-60)}},
+    )
+    first = await client.post("/admin/v1/activities", json=body, headers=admin_headers(settings))
+    assert first.status == 201
+    again = await client.post("/admin/v1/activities", json=body, headers=admin_headers(settings))
+    assert again.status == 409, "gold members may already be buying: the terms are fixed"
