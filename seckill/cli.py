@@ -340,63 +340,15 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _dev_data_keys(settings: Settings) -> Settings:
-    """`seckill up` on a loopback host without data keys: a development key kept under var/."""
-    from seckill import personal
+    from seckill import datakeys
 
-    if settings.data.keys.strip() or not _loopback(settings.server.host):
-        return settings
-    keys_text = personal.dev_keys(settings.server.var_dir, settings.data.cipher)
-    log.warning(
-        "SECKILL_DATA_KEYS unset: personal data is encrypted with a development key kept in %s",
-        Path(settings.server.var_dir) / "data.keys",
-    )
-    return settings.replace("data", keys=keys_text)
+    return datakeys.with_dev_keys(settings, _loopback(settings.server.host))
 
 
 def _data_key_problem(settings: Settings) -> str | None:
-    """Why this process must not start with its data keys (one line), or None.
+    from seckill import datakeys
 
-    Without keys no activity may require addresses; with keys, a key id that encrypted before
-    must still be the same key (its probe in Redis opens), else orders could never be read.
-    """
-    import redis
-
-    from seckill import keys, personal
-
-    client = redis.Redis.from_url(
-        settings.redis.url,
-        socket_timeout=settings.redis.socket_timeout_s,
-        socket_connect_timeout=settings.redis.connect_timeout_s,
-    )
-    try:
-        data = settings.data
-        if not data.keys.strip():
-            members: Any = client.smembers(keys.ACTIVITIES)
-            for member in sorted(members):
-                activity_id = member.decode()
-                if client.hget(keys.meta(activity_id), "requires_address") == b"1":
-                    return (
-                        f"activity {activity_id!r} requires addresses but no data key is set:"
-                        " set SECKILL_DATA_KEYS=kid:base64key (`seckill keys new KID` makes one)"
-                    )
-            return None
-        sealer = personal.Sealer(data.keys, data.cipher, data.hash_key)
-        probes: Any = client.hgetall(keys.DATA_KEY_CHECKS)
-        new, wrong = personal.check_probes(sealer, probes)
-        if wrong:
-            return (
-                f"SECKILL_DATA_KEYS: key {wrong[0]!r} is not the key that encrypted under that id"
-                " before (wrong key): orders sealed with it could not be read"
-            )
-        for kid, probe in new.items():
-            client.hsetnx(keys.DATA_KEY_CHECKS, kid, probe)
-        return None
-    except redis.RedisError as exc:
-        # unreachable Redis is not a key problem: the gateway starts and says 503 until it is back
-        log.warning("could not check data keys against Redis: %s", exc)
-        return None
-    finally:
-        client.close()
+    return datakeys.startup_problem(settings)
 
 
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
