@@ -30,7 +30,11 @@ PRICE = 1000
 async def unlimited(settings: Settings, tmp_path: Path) -> AsyncIterator[Client]:
     """The gateway without per-user rate limits (a shopper looping as fast as it can)."""
     rules = tmp_path / "limits.toml"
-    rules.write_text("[default]\nuser_rate_per_s = 0\nuser_burst = 0\n", encoding="utf-8")
+    rules.write_text(
+        "[default]\nuser_rate_per_s = 0\nuser_burst = 0\n"
+        "[orders]\nread_rate_per_s = 0\ncancel_rate_per_s = 0\n",
+        encoding="utf-8",
+    )
     app = create_app(settings.replace("limits", rules_path=str(rules)))
     async with TestClient(TestServer(app)) as client:
         yield client
