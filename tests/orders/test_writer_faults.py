@@ -575,6 +575,17 @@ class _RefuseWritesAfterCommit(OrderStore):
     async def payments(self, order_id: str) -> list[tuple[str, str]]:
         return await self.inner.payments(order_id)
 
+    async def orders_of(self, activity_id: str) -> Any:
+        return await self.inner.orders_of(activity_id)
+
+    async def statuses_of(self, order_ids: list[str]) -> dict[str, str]:
+        return await self.inner.statuses_of(order_ids)
+
+    async def count_with(
+        self, activity_id: str, order_ids: list[str], after_ms: int
+    ) -> tuple[int, int, int]:
+        return await self.inner.count_with(activity_id, order_ids, after_ms)
+
     async def close(self) -> None:
         await self.inner.close()
 
