@@ -10,7 +10,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from seckill.errors import Overloaded, SeckillError
+from seckill.errors import HeadersTooLarge, Overloaded, SeckillError
 from seckill.metrics import Metrics
 from seckill.web.bodies import COUNTED
 from seckill.web.state import SERVICES
@@ -23,6 +23,7 @@ _last_traceback: dict[str, float] = {}
 
 _NEVER_SHED = frozenset({"/healthz", "/readyz", "/metrics"})
 _SHED = Overloaded("too many requests in flight, retry later", retry_after=1)
+_HEADERS_TOO_LARGE = HeadersTooLarge("request headers too large")
 
 # set on a returned (not raised) error response so the outcome is counted by its code
 OUTCOME: web.ResponseKey[str] = web.ResponseKey("seckill.outcome", str)
@@ -79,6 +80,14 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         services.shed += 1
         services.metrics.count(request.match_info.route.name or "unmatched", "shed")
         return refusal(_SHED)
+    # the header budget in total; the edge protocol enforces it on blocks still arriving, this
+    # on a block that arrived whole (under aiohttp's per-field and per-count limits)
+    budget = services.settings.server.max_header_bytes
+    if sum(len(name) + len(value) + 4 for name, value in request.raw_headers) > budget:
+        services.metrics.count(request.match_info.route.name or "unmatched", "headers_too_large")
+        refused = refusal(_HEADERS_TOO_LARGE)
+        refused.force_close()
+        return refused
     # a request with a body counts in flight only once its body is in (web/bodies.py)
     counted = not request.body_exists
     if counted:

@@ -274,8 +274,19 @@ async def test_a_flood_of_megabyte_headers_gets_431_or_closed_and_costs_little_m
     got = [await flood for flood in floods]
     peak = max(peak, gateway.rss_kib())
     assert all(_status(answer) in (431, 0) for answer in got), {_status(a) for a in got}
-    assert any(b'"headers_too_large"' in answer for answer in got)
     assert (peak - before) < 50 * 1024, f"RSS grew {(peak - before) // 1024} MiB"
+
+    # a flood's 431 can be lost to the reset of a socket still sending; a client that sends a
+    # header block just over the budget, all at once, reads the contract's answer
+    reader, writer = await _open(gateway)
+    filler = b"".join(b"X-Fill-%d: %s\r\n" % (n, b"c" * 1000) for n in range(12))
+    writer.write(b"GET /api/v1/activities/x HTTP/1.1\r\nHost: x\r\n" + filler + b"\r\n")
+    await writer.drain()
+    try:
+        answer = await _answer(reader)
+    finally:
+        writer.close()
+    assert _status(answer) == 431 and b'"headers_too_large"' in answer, answer[:200]
 
 
 async def test_every_malformed_credential_is_a_401_and_no_traceback(gateway: Gateway) -> None:
