@@ -586,6 +586,12 @@ class _RefuseWritesAfterCommit(OrderStore):
     ) -> tuple[int, int, int]:
         return await self.inner.count_with(activity_id, order_ids, after_ms)
 
+    async def addresses(self, after: str, skip_prefix: str, limit: int) -> list[tuple[str, str]]:
+        return await self.inner.addresses(after, skip_prefix, limit)
+
+    async def replace_address(self, order_id: str, old: str, new: str, new_hash: str) -> bool:
+        return await self.inner.replace_address(order_id, old, new, new_hash)
+
     async def close(self) -> None:
         await self.inner.close()
 
