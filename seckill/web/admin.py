@@ -62,15 +62,7 @@ async def dead_letters(request: web.Request) -> web.Response:
     activity_id = request.match_info["activity_id"]
     if not keys.ID_PATTERN.fullmatch(activity_id):
         raise NotFound("no such activity")
-    unknown = sorted(set(request.query) - {"limit"})
-    if unknown:
-        raise InvalidRequest(f"unknown query parameter: {unknown[0]!r}")
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise InvalidRequest("limit must be an integer") from None
-    if not 1 <= limit <= 1000:
-        raise InvalidRequest("limit must be in 1..1000")
+    limit = _page_limit(request)
     try:
         known = await services.redis.exists(keys.meta(activity_id), keys.dead_letters(activity_id))
         if not known:
@@ -80,6 +72,20 @@ async def dead_letters(request: web.Request) -> web.Response:
     except CONNECTION_ERRORS as exc:
         raise RedisUnavailable() from exc
     return web.json_response({"activity_id": activity_id, "count": count, "dead_letters": page})
+
+
+def _page_limit(request: web.Request) -> int:
+    """The ``?limit=`` of a listing (default 100, at most 1000); no other query parameter."""
+    unknown = sorted(set(request.query) - {"limit"})
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter: {unknown[0]!r}")
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise InvalidRequest("limit must be an integer") from None
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest("limit must be in 1..1000")
+    return limit
 
 
 @routes.get("/admin/v1/flags", name="admin_flags_list")
@@ -118,15 +124,7 @@ async def flags_audit(request: web.Request) -> web.Response:
     """The most recent flag changes, newest first (?limit=, at most 1000)."""
     services = request.app[SERVICES]
     services.admin.check(request.headers.get("Authorization"))
-    unknown = sorted(set(request.query) - {"limit"})
-    if unknown:
-        raise InvalidRequest(f"unknown query parameter: {unknown[0]!r}")
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise InvalidRequest("limit must be an integer") from None
-    if not 1 <= limit <= 1000:
-        raise InvalidRequest("limit must be in 1..1000")
+    limit = _page_limit(request)
     try:
         entries = await services.switches.audit(limit)
     except CONNECTION_ERRORS as exc:
