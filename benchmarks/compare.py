@@ -57,13 +57,15 @@ def _activities(base: str, admin: str) -> None:
         }, admin)  # fmt: skip
 
 
-def run(baseline: str, seconds: float, repeat: int, connections: int) -> dict[str, Any]:
+def run(
+    baseline: str, seconds: float, repeat: int, connections: int, after: str | None = None
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="seckill-compare-"))
     settings = settings_module.load(environ={})
     tokens = work / "tokens.txt"
     auth = UserAuth(settings.jwt.secret)
     tokens.write_text("".join(f"Bearer {auth.mint(f'b{i}', 7200)}\n" for i in range(20_000)))
-    trees = {"before": _tree(baseline, work), "after": ROOT}
+    trees = {"before": _tree(baseline, work), "after": _tree(after, work) if after else ROOT}
     samples: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
     try:
@@ -107,10 +109,12 @@ def run(baseline: str, seconds: float, repeat: int, connections: int) -> dict[st
                         samples.setdefault(name, []).append(rps)
                         ratios.setdefault(name, []).append(rps / floor)
     finally:
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees["before"])],
-            check=False,
-        )
+        for tree in trees.values():
+            if tree != ROOT:
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                    check=False,
+                )
 
     def median(values: list[float]) -> float:
         return sorted(values)[len(values) // 2]
@@ -118,6 +122,7 @@ def run(baseline: str, seconds: float, repeat: int, connections: int) -> dict[st
     return {
         "machine": _machine(),
         "baseline": baseline,
+        "after": after or "working tree",
         "connections": connections,
         "seconds": seconds,
         "rounds": repeat,
@@ -133,12 +138,13 @@ def run(baseline: str, seconds: float, repeat: int, connections: int) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git ref of 'before'")
+    parser.add_argument("--after", default=None, help="git ref of 'after' (default: this tree)")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    result = run(args.baseline, args.seconds, args.repeat, args.connections)
+    result = run(args.baseline, args.seconds, args.repeat, args.connections, args.after)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%S")
     (args.out / f"compare-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
