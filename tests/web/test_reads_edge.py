@@ -66,7 +66,6 @@ async def test_a_token_looping_order_ids_is_limited_and_reaches_no_database(
     created = await client.post("/admin/v1/activities", json=body, headers=admin_headers(settings))
     assert created.status == 201
     store.queries = 0
-    hget = _calls(sync_redis, "hget")
     statuses: list[int] = []
     for n in range(40):
         response = await client.get(
@@ -80,7 +79,8 @@ async def test_a_token_looping_order_ids_is_limited_and_reaches_no_database(
     assert set(statuses) == {404, 429} and statuses[0] == 404
     assert statuses.count(404) < 40, "the loop is rate limited"
     assert store.queries == 0, "ids of unknown activities never reach the database"
-    assert _calls(sync_redis, "hget") == hget, "nor Redis"
+    # (Redis is not asked either: test_unknown_activity_ids_are_answered_without_redis. A
+    # server-wide HGET count here raced other processes sharing the test Redis.)
     # the control: an id of a known activity that Redis no longer holds is the store's to answer
     response = await client.get(
         f"/api/v1/orders/{body['id']}.{secrets.token_hex(10)}",
