@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +26,7 @@ import pytest
 
 from seckill import settings as settings_module
 from seckill.auth import UserAuth
-from seckill.embedded import EmbeddedRedis
+from seckill.embedded import EmbeddedRedis, free_port
 from tests.helpers import activity_body, rfc3339
 
 CHROMIUM = "/usr/bin/chromium"
@@ -182,6 +183,7 @@ def _sign_in(driver: Any, url: str, token: str) -> None:
 def _signed_in(driver: Any, url: str) -> None:
     _sign_in(driver, url, ADMIN_TOKEN)
     _until(lambda: _visible(driver, "#console"), "the console after sign-in")
+    assert not _visible(driver, "#signin")
     _until(lambda: _text(driver, "#status") == "live", "the live stream connected")
 
 
@@ -319,3 +321,112 @@ def test_redis_killed_shows_redis_down_and_the_breaker_open(
     sale.redis.start()
     _until(lambda: not _visible(browser, "#banner-redis"), "the Redis banner gone")
     assert _text(browser, "#health-redis") == "up"
+
+
+def _fake_gateway(port: int, ready: threading.Event, stop: threading.Event) -> None:
+    """Admin endpoints of a gateway that has the fair-sale and risk work merged (stand-ins)."""
+    import asyncio
+
+    from aiohttp import web
+
+    from seckill.web import console
+
+    def authorized(request: web.Request) -> None:
+        if request.headers.get("Authorization") != f"Bearer {ADMIN_TOKEN}":
+            raise web.HTTPUnauthorized()
+
+    async def flags(request: web.Request) -> web.Response:
+        authorized(request)
+        return web.json_response({"flags": {"seckill.enabled": True}})
+
+    async def live(request: web.Request) -> web.StreamResponse:
+        authorized(request)
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        snapshot = {
+            "at": rfc3339(0),
+            "redis": {"up": True, "error": None},
+            "sale": {"enabled": True},
+            "flags": {"seckill.enabled": True},
+            "flag_expiries": {},
+            "breakers": [],
+            "requests": {"per_second": 0, "by_outcome": {}, "by_endpoint": {}},
+            "activities": [{"id": "fair-1", "title": "Lottery", "state": "upcoming"}],
+            "activities_total": 1,
+            "audit": [],
+        }
+        while not stop.is_set():
+            await stream.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
+            await asyncio.sleep(1)
+        return stream
+
+    async def listing(request: web.Request) -> web.Response:
+        authorized(request)
+        return web.json_response({"count": 0, "activities": []})
+
+    async def draw(request: web.Request) -> web.Response:
+        authorized(request)
+        return web.json_response(
+            {
+                "activity_id": "fair-1",
+                "registrants": 1234,
+                "drawn": False,
+                "placed": None,
+                "revealed": False,
+                "commitment": "ab" * 32,
+            }
+        )
+
+    async def hits(request: web.Request) -> web.Response:
+        authorized(request)
+        hit = {
+            "rule": "device_accounts",
+            "mode": "shadow",
+            "activity_id": "fair-1",
+            "subject": "device:5f0c9d2e",
+            "at": rfc3339(0),
+        }
+        return web.json_response({"hits": [hit]})
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_get("/admin/console", console.page)
+        app.router.add_get(r"/admin/console/{name:[a-z]+\.(?:js|css)}", console.asset)
+        app.router.add_get("/admin/v1/flags", flags)
+        app.router.add_get("/admin/v1/live", live)
+        app.router.add_get("/admin/v1/activities", listing)
+        app.router.add_get("/admin/v1/activities/fair-1/draw", draw)
+        app.router.add_get("/admin/v1/risk/hits", hits)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        await runner.cleanup()
+
+    asyncio.run(serve())
+
+
+def test_the_queue_and_risk_panels_appear_once_their_endpoints_answer(
+    browser: Any, sale: Sale
+) -> None:
+    """Hidden on a gateway without them (404), shown as soon as a gateway answers them."""
+    _signed_in(browser, sale.url)
+    _until(lambda: _text(browser, "#health-redis") == "up", "a first snapshot")
+    assert not _visible(browser, "#queue-panel") and not _visible(browser, "#risk-panel")
+
+    port = free_port()
+    ready, stop = threading.Event(), threading.Event()
+    server = threading.Thread(target=_fake_gateway, args=(port, ready, stop), daemon=True)
+    server.start()
+    try:
+        assert ready.wait(WAIT_S)
+        _signed_in(browser, f"http://127.0.0.1:{port}")
+        _until(lambda: _visible(browser, "#risk-panel"), "the risk panel")
+        assert "device_accounts" in _text(browser, "#risk tbody")
+        _until(lambda: _visible(browser, "#queue-panel"), "the queue panel")
+        assert "1,234" in _text(browser, '#queue tr[data-activity="fair-1"]')
+    finally:
+        stop.set()
+        server.join(WAIT_S)

@@ -90,7 +90,8 @@ async def test_a_snapshot_shows_the_sale_and_its_traffic(
     first = await anext(events)
     assert first["redis"] == {"up": True, "error": None}
     assert first["sale"] == {"enabled": True}
-    assert {b["name"] for b in first["breakers"]} >= {"redis", "reviews", "recommendations"}
+    names = {b["name"] for b in first["breakers"]}
+    assert names >= {"redis", "upstream:reviews", "upstream:recommendations"}
     [activity] = [a for a in first["activities"] if a["id"] == body["id"]]
     assert activity["state"] == "live"
     assert activity["report"]["available"] == 20
@@ -114,6 +115,9 @@ async def test_a_snapshot_shows_the_sale_and_its_traffic(
         raise AssertionError("the stream ended before the orders showed")
     assert activity["report"]["available"] == 17
     assert activity["report"]["orders_created"] == 3
+    # shallow: counts only, never every order record, whatever the size of the sale
+    assert activity["report"]["orders_checked"] is False
+    assert activity["report"]["consistent"] is True, activity["report"]["problems"]
     response.close()
 
 

@@ -1,7 +1,7 @@
 // seckill ops console: plain JavaScript, no build step, no library, nothing from a CDN.
 //
 // The admin token lives in the `token` variable of this closure and nowhere else: not in
-// localStorage, not in a cookie, not in a URL. Every call, the live stream included, sends it
+// browser storage, not in a cookie, not in a URL. Every call, the live stream included, sends it
 // as `Authorization: Bearer …` to the admin API, exactly as curl would. The stream is read
 // with fetch() because EventSource cannot send that header.
 "use strict";
@@ -14,10 +14,14 @@
   const HISTORY = 120;           // seconds on the chart
   const POLL_QUEUE_MS = 5000;
   const POLL_RISK_MS = 3000;
+  const POLL_ABSENT_MS = 30000;  // an endpoint this gateway does not have: ask again rarely
   const timers = [];
+  const timeouts = [];
   const colors = {};
-  const palette = ["#15803d", "#6b7280", "#b45309", "#b91c1c", "#7c3aed", "#0891b2",
-    "#db2777", "#65a30d", "#ea580c", "#475569"];
+  const FIXED = { ok: "#15803d", sold_out: "#6b7280", degraded: "#b45309",
+    overloaded: "#b91c1c", rate_limited: "#7c3aed" };
+  const palette = ["#0891b2", "#db2777", "#65a30d", "#ea580c", "#475569", "#a16207",
+    "#4f46e5", "#be123c"];
 
   const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -97,10 +101,9 @@
     renderFlags(answer.data.flags, {});
     startStream();
     loadActivityList();
-    pollQueue();
-    pollRisk();
-    timers.push(setInterval(pollQueue, POLL_QUEUE_MS), setInterval(pollRisk, POLL_RISK_MS),
-      setInterval(watchdog, 1000));
+    repeat(pollQueue);
+    repeat(pollRisk);
+    timers.push(setInterval(watchdog, 1000));
   }
 
   function signOut(reason) {
@@ -108,6 +111,7 @@
     if (streamAbort) streamAbort.abort();
     streamAbort = null;
     while (timers.length) clearInterval(timers.pop());
+    while (timeouts.length) clearTimeout(timeouts.pop());
     show($("#console"), false);
     show($("#signout"), false);
     show($("#signin"), true);
@@ -225,11 +229,8 @@
   }
 
   function colorOf(outcome) {
-    if (!colors[outcome]) {
-      const fixed = { ok: "#15803d", sold_out: "#6b7280", degraded: "#b45309",
-        overloaded: "#b91c1c", rate_limited: "#7c3aed" };
-      colors[outcome] = fixed[outcome] || palette[Object.keys(colors).length % palette.length];
-    }
+    if (FIXED[outcome]) return FIXED[outcome];
+    if (!colors[outcome]) colors[outcome] = palette[Object.keys(colors).length % palette.length];
     return colors[outcome];
   }
 
@@ -294,7 +295,10 @@
     }
     const edit = el("button", { type: "button", class: "edit", textContent: "Edit" });
     edit.addEventListener("click", () => loadActivity(id));
-    row.append(el("td", {}, edit));
+    const pause = el("button", { type: "button", class: "pause", textContent: "Pause" });
+    pause.addEventListener("click", () =>
+      setFlag(`activity.${id}.paused`, pause.dataset.paused !== "true", ""));
+    row.append(el("td", { class: "actions" }, edit, " ", pause));
     $("#activities tbody").append(row);
     return row;
   }
@@ -309,6 +313,9 @@
       const r = a.report || {};
       const set = (cls, text) => { $("." + cls, row).textContent = text; };
       set("name", `${a.id} · ${a.title}`);
+      const pause = $("button.pause", row);
+      pause.dataset.paused = String(Boolean(a.paused));
+      pause.textContent = a.paused ? "Resume" : "Pause";
       const state = $(".state", row);
       state.textContent = a.state;
       state.className = "state state-" + a.state;
@@ -520,13 +527,28 @@
 
   // -- panels that appear once their admin endpoint exists -------------------------------
 
+  // poll() answers the delay until its next run
+  async function repeat(poll) {
+    if (token === null) return;
+    let delay;
+    try { delay = await poll(); } catch (e) { delay = POLL_ABSENT_MS; }
+    if (token !== null) timeouts.push(setTimeout(() => repeat(poll), delay));
+  }
+
   async function pollQueue() {
-    if (token === null || !latest || !latest.activities) return;
+    if (token === null) return POLL_QUEUE_MS;
+    if (!latest || !latest.activities) return 1000;  // wait for the first snapshot
     const rows = [];
+    let absent = latest.activities.length > 0;
     for (const a of latest.activities) {
       let answer;
       try { answer = await api("GET", `/admin/v1/activities/${encodeURIComponent(a.id)}/draw`); }
       catch (e) { continue; }
+      // a 404 whose message is aiohttp's "Not Found" means no such route on this gateway
+      const noRoute = answer.status === 404 && answer.data && answer.data.error &&
+        answer.data.error.message === "Not Found";
+      if (!noRoute) absent = false;
+      if (noRoute) break;
       if (answer.status !== 200 || !answer.data) continue;
       const d = answer.data;
       rows.push(el("tr", { "data-activity": a.id },
@@ -537,21 +559,22 @@
     }
     $("#queue tbody").replaceChildren(...rows);
     show($("#queue-panel"), rows.length > 0);
+    return absent ? POLL_ABSENT_MS : POLL_QUEUE_MS;
   }
 
   async function pollRisk() {
-    if (token === null) return;
-    let answer;
-    try { answer = await api("GET", "/admin/v1/risk/hits?limit=20"); } catch (e) { return; }
+    if (token === null) return POLL_RISK_MS;
+    const answer = await api("GET", "/admin/v1/risk/hits?limit=20");
     const available = answer.status === 200 && answer.data && Array.isArray(answer.data.hits);
     show($("#risk-panel"), available);
-    if (!available) return;
+    if (!available) return answer.status === 404 ? POLL_ABSENT_MS : POLL_RISK_MS;
     const hits = answer.data.hits;
     $("#risk-count").textContent = `(latest ${hits.length})`;
     $("#risk tbody").replaceChildren(...hits.map((h) => el("tr", {},
       el("td", { textContent: h.at }), el("td", { textContent: h.rule }),
       el("td", { class: h.mode === "enforced" ? "bad-text" : "warn-text", textContent: h.mode }),
       el("td", { textContent: h.activity_id }), el("td", { textContent: h.subject }))));
+    return POLL_RISK_MS;
   }
 
   // -- wiring -------------------------------------------------------------------------------
