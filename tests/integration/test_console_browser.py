@@ -223,11 +223,31 @@ def test_sign_in_and_watch_a_live_sale_move(browser: Any, sale: Sale, shots: Pat
     _until(lambda: _text(browser, f"{row} td.consistent") == "yes", "a consistent report")
     assert _text(browser, "#health-writer") == "alive"
     _until(lambda: _text(browser, f"{row} td.created") == "6", "6 orders created")
-    # one more, so the chart shows traffic at the moment of the screenshot
-    for n in range(6, 9):
-        _order(sale, "console-live", f"shopper{n}", f"k{n}")
-    _until(lambda: float(_text(browser, "#rps").replace(",", "")) > 0, "traffic on the chart")
-    browser.save_screenshot(str(shots / "live-sale.png"))
+    # the rest of the sale: shoppers keep coming until it sells out, and beyond
+    crowd = threading.Thread(target=_crowd, args=(sale, "console-live", 70), daemon=True)
+    crowd.start()
+    try:
+        _until(lambda: _text(browser, f"{row} td.state") == "sold_out", "the sale sold out")
+        assert _text(browser, f"{row} td.available") == "0"
+        _until(
+            lambda: browser.find_elements(
+                "css selector",
+                '#outcomes tr[data-endpoint="order_create"][data-outcome="sold_out"]',
+            ),
+            "sold_out answers in the requests per second",
+        )
+        browser.save_screenshot(str(shots / "live-sale.png"))
+    finally:
+        crowd.join(WAIT_S)
+    _until(lambda: _text(browser, f"{row} td.paid") == "0", "the report after the crowd")
+    assert _text(browser, f"{row} td.reserved") == "50"
+
+
+def _crowd(sale: Sale, activity_id: str, shoppers: int) -> None:
+    """Shoppers arriving over a few seconds (some after the sell-out), as the chart shows them."""
+    for n in range(shoppers):
+        _order(sale, activity_id, f"crowd{n}", f"c{n}")
+        time.sleep(0.07)  # pacing the load so the chart has a shape, not a measurement
 
 
 def test_the_sale_off_with_a_ttl_from_the_page_and_back(
@@ -285,6 +305,10 @@ def test_a_bad_activity_is_refused_with_the_api_message(
         "400 invalid_request: ends_at must be after starts_at"
     )
     assert _call(f"{sale.url}/admin/v1/activities/console-made", headers=_admin())[0] == 404
+    browser.execute_script(
+        "arguments[0].scrollIntoView({block: 'center'})",
+        browser.find_element(By.ID, "activity-message"),
+    )
     browser.save_screenshot(str(shots / "activity-refused.png"))
     fill("ends_at", rfc3339(7200))
     browser.find_element(By.ID, "activity-save").click()
