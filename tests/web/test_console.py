@@ -124,10 +124,21 @@ async def test_a_snapshot_shows_the_sale_and_its_traffic(
 async def test_one_snapshot_a_second_for_every_viewer_and_none_unwatched(
     client: Client, settings: Settings
 ) -> None:
-    """Invariant: the snapshot work is shared by all consoles and stops with the last one."""
+    """Invariant: the snapshot work is shared by all consoles and stops with the last one;
+    the purchase and sold-out paths never start it."""
     assert client.app is not None
     live = client.app[SERVICES].live
     assert live is not None
+    body = activity_body(stock=1)
+    created = await client.post("/admin/v1/activities", json=body, headers=admin_headers(settings))
+    assert created.status == 201
+    for n, status in enumerate((202, 409, 409)):  # a sale, then the sold-out path
+        placed = await client.post(
+            f"/api/v1/activities/{body['id']}/orders",
+            json={"quantity": 1},
+            headers=user_headers(settings, f"b{n}", f"k{n}"),
+        )
+        assert placed.status == status
     assert live.snapshots == 0 and not live.running  # nobody watched: nothing was computed
 
     async def watch() -> int:
