@@ -195,3 +195,39 @@ async def test_activities_read_back_for_editing(client: Client, settings: Settin
     assert missing.status == 404
     bad = await client.get("/admin/v1/activities?limit=0", headers=admin_headers(settings))
     assert bad.status == 400
+
+
+async def test_requests_per_second_count_every_worker(settings: Settings, tmp_path: Any) -> None:
+    """Under `serve --workers N` the rates sum every worker's counters, not one process's."""
+    import os
+
+    from aiohttp.test_utils import TestServer
+
+    from seckill.web.app import create_app
+
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    other = shared / f"{os.getppid()}.prom"  # a live process standing for another worker
+
+    def publish(count: int) -> None:
+        other.write_text(
+            "# TYPE seckill_requests_total counter\n"
+            f'seckill_requests_total{{endpoint="order_create",outcome="sold_out"}} {count}\n'
+        )
+
+    publish(1000)
+    app = create_app(settings.replace("server", metrics_dir=str(shared)))
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/admin/v1/live?events=30", headers=admin_headers(settings))
+        events = _events(response)
+        await anext(events)
+        publish(1500)  # the other worker answered 500 more sold_out meanwhile
+        async for snapshot in events:
+            rate = snapshot["requests"]["by_endpoint"].get("order_create", {}).get("sold_out")
+            if rate:
+                break
+        else:
+            raise AssertionError("the other worker's requests never showed")
+        assert rate > 0
+        assert snapshot["requests"]["by_outcome"]["sold_out"] == rate
+        response.close()
