@@ -145,7 +145,12 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def _until(predicate: Callable[[], Any], what: str, within_s: float = WAIT_S) -> Any:
+def _until(
+    predicate: Callable[[], Any],
+    what: str,
+    within_s: float = WAIT_S,
+    detail: Callable[[], str] | None = None,
+) -> Any:
     deadline = time.monotonic() + within_s
     while True:
         try:
@@ -155,7 +160,8 @@ def _until(predicate: Callable[[], Any], what: str, within_s: float = WAIT_S) ->
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"not seen within {within_s:.0f} s: {what}")
+            seen = f" (the page shows: {detail()!r})" if detail is not None else ""
+            raise AssertionError(f"not seen within {within_s:.0f} s: {what}{seen}")
         time.sleep(0.1)
 
 
@@ -312,9 +318,44 @@ def test_a_bad_activity_is_refused_with_the_api_message(
     browser.save_screenshot(str(shots / "activity-refused.png"))
     fill("ends_at", rfc3339(7200))
     browser.find_element(By.ID, "activity-save").click()
-    _until(lambda: "Saved console-made" in _text(browser, "#activity-message"), "the save")
+    _until(
+        lambda: "Saved console-made" in _text(browser, "#activity-message"),
+        "the save",
+        detail=lambda: _text(browser, "#activity-message"),
+    )
     status, saved = _call(f"{sale.url}/admin/v1/activities/console-made", headers=_admin())
     assert status == 200 and saved["title"] == "Made on the console"
+
+    # edit it from its row: the form is filled from GET /admin/v1/activities/{id}
+    edit = '#activities tr[data-activity="console-made"] button.edit'
+    _until(lambda: browser.find_elements(By.CSS_SELECTOR, edit), "the new activity's row")
+    browser.find_element(By.CSS_SELECTOR, edit).click()
+    _until(lambda: "Loaded console-made" in _text(browser, "#activity-message"), "the load")
+    assert form.find_element(By.NAME, "stock").get_attribute("value") == "100"
+    fill("stock", "250")
+    browser.find_element(By.ID, "activity-save").click()
+    _until(
+        lambda: "stock 250" in _text(browser, "#activity-message"),
+        "the edit saved",
+        detail=lambda: _text(browser, "#activity-message"),
+    )
+
+    # a sale that has started cannot be replaced: the API's 409 is shown as it is
+    started = activity_body(id="console-started", title="On sale")
+    assert _call(f"{sale.url}/admin/v1/activities", "POST", started, _admin())[0] == 201
+    live = '#activities tr[data-activity="console-started"] button.edit'
+    _until(lambda: browser.find_elements(By.CSS_SELECTOR, live), "the started activity's row")
+    browser.find_element(By.CSS_SELECTOR, live).click()
+    _until(lambda: "Loaded console-started" in _text(browser, "#activity-message"), "the load")
+    fill("title", "Renamed during the sale")
+    browser.find_element(By.ID, "activity-save").click()
+    _until(
+        lambda: "409 conflict: " in _text(browser, "#activity-message"),
+        "the conflict",
+        detail=lambda: _text(browser, "#activity-message"),
+    )
+    status, kept = _call(f"{sale.url}/admin/v1/activities/console-started", headers=_admin())
+    assert status == 200 and kept["title"] == "On sale"
 
 
 def test_redis_killed_shows_redis_down_and_the_breaker_open(
