@@ -79,6 +79,10 @@ class DenyList:
 
     # -- the request path: local reads only ------------------------------------------------
 
+    @property
+    def empty(self) -> bool:
+        return not self._entries
+
     def denied(self, kind: str, hashed: str, now_ms: int) -> bool:
         """True while ``hashed`` (a keyed hash of kind) is on the list and not expired."""
         if not self._entries:

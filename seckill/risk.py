@@ -195,19 +195,6 @@ def hash_key(configured: str, jwt_secret: str) -> bytes:
     return hmac.new(jwt_secret.encode(), b"seckill risk subject v1", hashlib.sha256).digest()
 
 
-@dataclass(frozen=True, slots=True)
-class Subject:
-    """Who attempts: user, device and IP as keyed hashes ("" when not known)."""
-
-    user: str
-    device: str
-    ip: str
-
-    def of(self, kind: str) -> str:
-        value: str = getattr(self, kind)
-        return value
-
-
 class Hashing:
     """Keyed hashes of subjects: Redis keys, hits and the deny list never hold them in clear."""
 
@@ -221,11 +208,42 @@ class Hashing:
         return digest.hexdigest()[:20]
 
     def subject(self, user_id: str, device_id: str, remote: str | None) -> Subject:
-        return Subject(
-            self.hash("user", user_id),
-            self.hash("device", device_id),
-            self.hash("ip", normalise_ip(remote)),
-        )
+        return Subject(self, user_id, device_id, remote)
+
+
+class Subject:
+    """Who attempts: user, device and IP, each read as a keyed hash ("" when not known).
+
+    Hashed on first use only: the sold-out fast path with an empty deny list never pays for it.
+    """
+
+    __slots__ = ("_hashed", "_hashing", "_raw")
+
+    def __init__(self, hashing: Hashing, user_id: str, device_id: str, remote: str | None):
+        self._hashing = hashing
+        self._raw = {"user": user_id, "device": device_id, "ip": remote or ""}
+        self._hashed: dict[str, str] = {}
+
+    def of(self, kind: str) -> str:
+        """The keyed hash of ``kind`` ("user", "device" or "ip"), "" when not known."""
+        hashed = self._hashed.get(kind)
+        if hashed is None:
+            raw = self._raw[kind]
+            hashed = self._hashing.hash(kind, normalise_ip(raw) if kind == "ip" else raw)
+            self._hashed[kind] = hashed
+        return hashed
+
+    @property
+    def user(self) -> str:
+        return self.of("user")
+
+    @property
+    def device(self) -> str:
+        return self.of("device")
+
+    @property
+    def ip(self) -> str:
+        return self.of("ip")
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,7 +386,7 @@ class Risk:
     def screen_locally(self, subject: Subject) -> Screening:
         """The deny list (local, no Redis): a Screening with its hits."""
         rule = self.rules.deny
-        if not rule.on:
+        if not rule.on or self.deny.empty:
             return Screening(subject)
         now = clock.now_ms()
         hits = tuple(

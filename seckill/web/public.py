@@ -184,6 +184,9 @@ async def create_order(request: web.Request) -> web.Response:
         return refusal(_REDIS_DOWN)
     if reservation.risk_hits:
         risk.record(activity_id, screening.subject, reservation.risk_hits, terms.address_hash)
+    elif screening.hits and gate == "rate_limited" and reservation.outcome is Outcome.GATED:
+        # the local admission refused after the risk rules let it pass in shadow: still a hit
+        risk.record(activity_id, screening.subject, screening.hits)
     outcome = reservation.outcome
     if outcome is Outcome.OK:
         services.catalog.note_reserved(
