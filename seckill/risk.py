@@ -429,11 +429,11 @@ class Risk:
             return screening  # refused already: the attempt is not worth a round trip
         return await self.screen_velocity(screening)
 
-    def reserve_keys(self, activity_id: str, screening: Screening) -> list[str]:
+    def script_keys(self, activity_id: str, screening: Screening) -> list[str]:
         """KEYS appended to reserve_stock.lua's from RISK_KEYS."""
         return keys.risk_reserve_keys(activity_id, screening.subject.device)
 
-    def reserve_args(self, screening: Screening) -> list[str | int]:
+    def script_args(self, screening: Screening) -> list[str | int]:
         """ARGV appended to reserve_stock.lua's from RISK_ARGV."""
         rules = self.rules
         devices, addresses = rules.device_accounts, rules.address_orders

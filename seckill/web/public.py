@@ -176,7 +176,7 @@ async def create_order(request: web.Request) -> web.Response:
                 rule.redis_limits(factor),
                 request.remote or "",
                 terms,
-                (risk.reserve_keys(activity_id, screening), risk.reserve_args(screening)),
+                (risk.script_keys(activity_id, screening), risk.script_args(screening)),
             )
         )
     except BreakerOpen:
