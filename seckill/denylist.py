@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from seckill import clock, keys
@@ -205,9 +206,10 @@ class DenyList:
     async def _load_quietly(self) -> None:
         try:
             await self.load()
-        except CONNECTION_ERRORS:
+        except (*CONNECTION_ERRORS, redis_errors.RedisError, ValueError, KeyError) as exc:
+            # a resync that fails keeps the last list; the loop goes on
             reraise_pending_cancel()
-            log.warning("could not re-read the deny list; keeping the last one")
+            log.warning("could not re-read the deny list (%s); keeping the last one", exc)
 
     def close(self) -> None:
         self._closed = True

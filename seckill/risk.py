@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from seckill import clock, keys
@@ -313,10 +314,11 @@ class HitLog:
             )
         try:
             await pipe.execute()
-        except CONNECTION_ERRORS:
+        except (*CONNECTION_ERRORS, redis_errors.RedisError) as exc:
+            # the listing is a window on recent hits: losing a batch never stops the loop
             reraise_pending_cancel()
             self.dropped += len(batch)
-            log.warning("%d risk hits not listed: Redis unreachable (still counted)", len(batch))
+            log.warning("%d risk hits not listed (%s); still counted", len(batch), exc)
 
     async def recent(self, limit: int) -> list[dict[str, Any]]:
         """The most recent hits, newest first."""
