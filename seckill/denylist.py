@@ -31,6 +31,12 @@ MAX_TTL_S = 366 * 86_400
 MAX_REASON = 200
 _DENY_KEYS = [keys.RISK_DENY, keys.RISK_DENY_EXPIRIES, keys.RISK_AUDIT, keys.RISK_DENY_VERSION]
 
+_RESYNC_FAULTS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    redis_errors.RedisError,
+    ValueError,
+    KeyError,
+)
 Hasher = Callable[[str, str], str]
 
 
@@ -206,7 +212,7 @@ class DenyList:
     async def _load_quietly(self) -> None:
         try:
             await self.load()
-        except (*CONNECTION_ERRORS, redis_errors.RedisError, ValueError, KeyError) as exc:
+        except _RESYNC_FAULTS as exc:
             # a resync that fails keeps the last list; the loop goes on
             reraise_pending_cancel()
             log.warning("could not re-read the deny list (%s); keeping the last one", exc)

@@ -265,6 +265,7 @@ class Hit:
         }
 
 
+_LISTING_FAULTS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, redis_errors.RedisError)
 HITS_KEPT = 10_000  # the hits stream is capped (MAXLEN ~): a window on recent activity
 _FLUSH_MOST = 1_000  # hits written per flush; more in one interval are counted, not listed
 
@@ -314,7 +315,7 @@ class HitLog:
             )
         try:
             await pipe.execute()
-        except (*CONNECTION_ERRORS, redis_errors.RedisError) as exc:
+        except _LISTING_FAULTS as exc:
             # the listing is a window on recent hits: losing a batch never stops the loop
             reraise_pending_cancel()
             self.dropped += len(batch)
