@@ -69,7 +69,9 @@ def use_rules(client: Client, path: Path, text: str) -> None:
     path.write_text(text)
     stamp = time.time() + next(_keys)
     os.utime(path, (stamp, stamp))
-    assert client.server.app[SERVICES].risk.file.maybe_reload()
+    file = client.server.app[SERVICES].risk.file
+    file.maybe_reload()  # or the file watcher already did
+    assert file.rules == risk.parse(text)
 
 
 async def new_activity(client: Client, settings: Settings, **overrides: Any) -> str:
