@@ -83,12 +83,20 @@ class RiskRules:
     user_velocity: Rule = Rule()
     device_velocity: Rule = Rule()
     ip_velocity: Rule = Rule()
+    # [activity.<id>.device_accounts] / [activity.<id>.address_orders]: one sale's own rules
+    activities: dict[str, RiskRules] = dataclasses.field(default_factory=dict)
 
     def velocity(self, kind: str) -> Rule:
         rule: Rule = getattr(self, f"{kind}_velocity")
         return rule
 
+    def for_activity(self, activity_id: str) -> RiskRules:
+        """The rules of one activity (its overrides, else these)."""
+        return self.activities.get(activity_id, self)
 
+
+# rules an activity may set for itself (velocity spans activities, the deny list is global)
+PER_ACTIVITY = ("device_accounts", "address_orders")
 # table -> (its count key, whether it has a window)
 _TABLES: dict[str, tuple[str | None, bool]] = {
     "deny": (None, False),
@@ -136,10 +144,27 @@ def parse(text: str) -> RiskRules:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"not TOML: {exc}") from exc
-    unknown = sorted(set(data) - set(_TABLES))
+    unknown = sorted(set(data) - set(_TABLES) - {"activity"})
     if unknown:
         raise ValueError(f"unknown table [{unknown[0]}]")
-    return RiskRules(**{name: _rule(name, table) for name, table in data.items()})
+    overrides = data.pop("activity", {})
+    tables: dict[str, Any] = {name: _rule(name, table) for name, table in data.items()}
+    default = RiskRules(**tables)
+    if not isinstance(overrides, dict):
+        raise ValueError("[activity] must hold one table per activity")
+    activities = {}
+    for activity_id, rules in overrides.items():
+        if not isinstance(rules, dict):
+            raise ValueError(f"[activity.{activity_id}] must be a table")
+        wrong = sorted(set(rules) - set(PER_ACTIVITY))
+        if wrong:
+            raise ValueError(
+                f"activity.{activity_id}: {wrong[0]!r} cannot be set per activity"
+                f" (only {', '.join(PER_ACTIVITY)})"
+            )
+        own: dict[str, Any] = {name: _rule(name, table) for name, table in rules.items()}
+        activities[activity_id] = dataclasses.replace(default, **own)
+    return dataclasses.replace(default, activities=activities)
 
 
 class RulesFile:
@@ -436,9 +461,9 @@ class Risk:
         """KEYS appended to reserve_stock.lua's from RISK_KEYS."""
         return keys.risk_reserve_keys(activity_id, screening.subject.device)
 
-    def script_args(self, screening: Screening) -> list[str | int]:
+    def script_args(self, activity_id: str, screening: Screening) -> list[str | int]:
         """ARGV appended to reserve_stock.lua's from RISK_ARGV."""
-        rules = self.rules
+        rules = self.rules.for_activity(activity_id)
         devices, addresses = rules.device_accounts, rules.address_orders
         return [
             screening.argument(),

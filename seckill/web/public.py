@@ -165,6 +165,8 @@ async def create_order(request: web.Request) -> web.Response:
         wait = services.limits.admit(activity_id, rule, factor)
         if wait:
             gate = "rate_limited"
+    risk_keys = risk.script_keys(activity_id, screening)
+    risk_parts = (risk_keys, risk.script_args(activity_id, screening))
     try:
         reservation = await services.redis_breaker.call(
             lambda: services.stock.reserve(
@@ -176,7 +178,7 @@ async def create_order(request: web.Request) -> web.Response:
                 rule.redis_limits(factor),
                 request.remote or "",
                 terms,
-                (risk.script_keys(activity_id, screening), risk.script_args(screening)),
+                risk_parts,
             )
         )
     except BreakerOpen:

@@ -513,3 +513,29 @@ def test_subjects_are_hashed_with_a_key() -> None:
     assert one.hash("device", "d1") != other.hash("device", "d1")
     assert one.hash("device", "d1") != one.hash("user", "d1"), "kinds never collide"
     assert one.subject("u", "", "::ffff:10.0.0.1").ip == one.subject("u", "", "10.0.0.1").ip
+
+
+async def test_one_activity_may_hold_its_own_device_rule(
+    gw: Client, risk_settings: Settings, rules_path: Path
+) -> None:
+    strict = await new_activity(gw, risk_settings)
+    lenient = await new_activity(gw, risk_settings)
+    use_rules(
+        gw,
+        rules_path,
+        rules_text(device_accounts={"mode": "enforce", "max_accounts": 3})
+        + f'[activity.{strict}.device_accounts]\nmode = "enforce"\nmax_accounts = 1\n',
+    )
+    for activity_id, accepted in ((strict, 1), (lenient, 3)):
+        statuses = Counter(
+            [
+                (await buy(gw, risk_settings, activity_id, f"a{n}", device="tablet"))[0]
+                for n in range(4)
+            ]
+        )
+        assert statuses == Counter({202: accepted, 403: 4 - accepted}), (activity_id, statuses)
+
+
+def test_velocity_cannot_be_set_per_activity() -> None:
+    with pytest.raises(ValueError, match="cannot be set per activity"):
+        risk.parse('[activity.x.user_velocity]\nmode = "off"\nwindow_s = 1\nmax_attempts = 1\n')
