@@ -396,6 +396,8 @@ class Risk:
         hashing: Hashing,
         deny: DenyList,
         hits: HitLog,
+        *,
+        one_call: bool = True,
     ) -> None:
         self._scripts = scripts
         self._coalescer = coalescer
@@ -403,6 +405,9 @@ class Risk:
         self.hashing = hashing
         self.deny = deny
         self.hits = hits
+        # one Redis: every subject's counter in one call. On Redis Cluster each counter sits
+        # in its own slot (its own hash tag): one call per subject, all in one pipeline.
+        self.one_call = one_call
 
     @property
     def rules(self) -> RiskRules:
@@ -427,27 +432,32 @@ class Risk:
     async def screen_velocity(self, screening: Screening) -> Screening:
         """Count this attempt for each subject under a velocity rule (one round trip)."""
         rules = self.rules
-        calls = []
-        kinds = []
-        for kind in KINDS:
-            rule = rules.velocity(kind)
-            hashed = screening.subject.of(kind)
-            if rule.on and hashed:
-                kinds.append(kind)
-                calls.append(
-                    self._coalescer.call(
-                        self._scripts.risk_velocity,
-                        [keys.velocity(kind, hashed)],
-                        [rule.window_s * 1000, rule.most],
-                    )
-                )
-        if not calls:
+        kinds = [kind for kind in KINDS if rules.velocity(kind).on and screening.subject.of(kind)]
+        if not kinds:
             return screening
-        replies = await asyncio.gather(*calls)
+        groups = [kinds] if self.one_call else [[kind] for kind in kinds]
+        replies = await asyncio.gather(
+            *(
+                self._coalescer.call(
+                    self._scripts.risk_velocity,
+                    [keys.velocity(kind, screening.subject.of(kind)) for kind in group],
+                    [
+                        n
+                        for kind in group
+                        for n in (rules.velocity(kind).window_s * 1000, rules.velocity(kind).most)
+                    ],
+                )
+                for group in groups
+            )
+        )
+        over = [
+            kind
+            for group, reply in zip(groups, replies, strict=True)
+            for i, kind in enumerate(group)
+            if int(reply[2 * i]) == 1
+        ]
         return screening.with_hits(
-            (f"{kind}_velocity", rules.velocity(kind).script_mode())
-            for kind, reply in zip(kinds, replies, strict=True)
-            if int(reply[0]) == 1
+            (f"{kind}_velocity", rules.velocity(kind).script_mode()) for kind in over
         )
 
     async def screen(self, user_id: str, device_id: str, remote: str | None) -> Screening:

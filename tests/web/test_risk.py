@@ -539,3 +539,27 @@ async def test_one_activity_may_hold_its_own_device_rule(
 def test_velocity_cannot_be_set_per_activity() -> None:
     with pytest.raises(ValueError, match="cannot be set per activity"):
         risk.parse('[activity.x.user_velocity]\nmode = "off"\nwindow_s = 1\nmax_attempts = 1\n')
+
+
+@pytest.mark.parametrize("one_call", [True, False])
+async def test_velocity_of_several_subjects_in_one_call_or_one_per_subject(
+    gw: Client, risk_settings: Settings, rules_path: Path, one_call: bool
+) -> None:
+    """One Redis takes every counter in one call; Redis Cluster needs one call per subject
+    (each counter in its own slot): both count the same."""
+    gw.server.app[SERVICES].risk.one_call = one_call
+    use_rules(
+        gw,
+        rules_path,
+        rules_text(
+            user_velocity={"mode": "enforce", "window_s": 60, "max_attempts": 2},
+            device_velocity={"mode": "shadow", "window_s": 60, "max_attempts": 3},
+        ),
+    )
+    activity_id = await new_activity(gw, risk_settings)
+    statuses = [
+        (await buy(gw, risk_settings, activity_id, "same", device="same"))[0] for _ in range(4)
+    ]
+    assert statuses == [202, 202, 403, 403]
+    assert await metric(gw, "user_velocity", "enforced") == 2
+    assert await metric(gw, "device_velocity", "shadow") == 1
