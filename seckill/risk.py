@@ -461,7 +461,15 @@ class Risk:
         )
 
     async def screen(self, user_id: str, device_id: str, remote: str | None) -> Screening:
-        """Deny list and velocity for one attempt (the registration hook uses this too)."""
+        """Deny list and velocity for one attempt: the hook for any endpoint that risk rules
+        guard besides the purchase (registration).
+
+        Such an endpoint calls ``screen``, refuses at once when ``screening.refused`` (403
+        risk_refused, after recording ``screening.hits``), else passes ``script_keys`` and
+        ``script_args`` to its own script, which inlines lua/risk.lua: ``risk_assess`` (the
+        accounts-per-device count, and the gateway's hits) before its first write, and
+        ``risk_record`` with its writes; then ``record`` the hits the script returns.
+        """
         screening = self.screen_locally(self.subject(user_id, device_id, remote))
         if screening.refused:
             return screening  # refused already: the attempt is not worth a round trip
