@@ -436,20 +436,14 @@ class Risk:
         if not kinds:
             return screening
         groups = [kinds] if self.one_call else [[kind] for kind in kinds]
-        replies = await asyncio.gather(
-            *(
-                self._coalescer.call(
-                    self._scripts.risk_velocity,
-                    [keys.velocity(kind, screening.subject.of(kind)) for kind in group],
-                    [
-                        n
-                        for kind in group
-                        for n in (rules.velocity(kind).window_s * 1000, rules.velocity(kind).most)
-                    ],
-                )
-                for group in groups
-            )
-        )
+        try:
+            replies = await self._velocity(groups, rules, screening.subject)
+        except redis_errors.ResponseError as exc:
+            if not (isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM")):
+                raise
+            # Redis at maxmemory refuses the count; it refuses the purchase too, and the
+            # purchase script still answers a replay: go on uncounted rather than hide it
+            return screening
         over = [
             kind
             for group, reply in zip(groups, replies, strict=True)
@@ -458,6 +452,24 @@ class Risk:
         ]
         return screening.with_hits(
             (f"{kind}_velocity", rules.velocity(kind).script_mode()) for kind in over
+        )
+
+    async def _velocity(
+        self, groups: list[list[str]], rules: RiskRules, subject: Subject
+    ) -> list[Any]:
+        return await asyncio.gather(
+            *(
+                self._coalescer.call(
+                    self._scripts.risk_velocity,
+                    [keys.velocity(kind, subject.of(kind)) for kind in group],
+                    [
+                        n
+                        for kind in group
+                        for n in (rules.velocity(kind).window_s * 1000, rules.velocity(kind).most)
+                    ],
+                )
+                for group in groups
+            )
         )
 
     async def screen(self, user_id: str, device_id: str, remote: str | None) -> Screening:

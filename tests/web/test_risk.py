@@ -563,3 +563,27 @@ async def test_velocity_of_several_subjects_in_one_call_or_one_per_subject(
     assert statuses == [202, 202, 403, 403]
     assert await metric(gw, "user_velocity", "enforced") == 2
     assert await metric(gw, "device_velocity", "shadow") == 1
+
+
+async def test_a_full_redis_still_replays_with_velocity_on(
+    gw: Client, risk_settings: Settings, rules_path: Path, sync_redis: redis.Redis
+) -> None:
+    """At maxmemory the velocity count is refused like the purchase: a new order is 503, an
+    accepted order's retry still replays (velocity never hides it)."""
+    use_rules(
+        gw,
+        rules_path,
+        rules_text(user_velocity={"mode": "enforce", "window_s": 60, "max_attempts": 5}),
+    )
+    activity_id = await new_activity(gw, risk_settings)
+    status, first = await buy(gw, risk_settings, activity_id, "a", key="k")
+    assert status == 202
+    previous = sync_redis.config_get("maxmemory")["maxmemory"]
+    sync_redis.config_set("maxmemory", 1)
+    try:
+        status, body = await buy(gw, risk_settings, activity_id, "b", key="k")
+        assert status == 503 and body["error"]["code"] == "overloaded"
+        status, replay = await buy(gw, risk_settings, activity_id, "a", key="k")
+        assert status == 202 and replay["order_id"] == first["order_id"]
+    finally:
+        sync_redis.config_set("maxmemory", previous)
