@@ -34,6 +34,7 @@ _CROSS_FIELD_RULES = {
     "/api/v1/activities/{activity_id}/orders",
     "/api/v1/payments/notify",  # the amount must match the order's price times quantity
     "/admin/v1/flags/{name}",  # a value's type depends on the flag's name
+    "/admin/v1/risk/deny/{kind}/{value}",  # a value's form depends on its kind (device, ip)
 }
 
 
