@@ -54,8 +54,14 @@ def rules_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def risk_settings(settings: Settings, rules_path: Path) -> Settings:
-    return settings.replace("risk", rules_path=str(rules_path)).replace("data", keys=DATA_KEY)
+def risk_settings(settings: Settings, rules_path: Path, tmp_path: Path) -> Settings:
+    limits = tmp_path / "limits.toml"
+    limits.write_text("[default]\nuser_rate_per_s = 0\n")  # risk rules alone, no 429s
+    return (
+        settings.replace("risk", rules_path=str(rules_path))
+        .replace("data", keys=DATA_KEY)
+        .replace("limits", rules_path=str(limits))
+    )
 
 
 @pytest.fixture
