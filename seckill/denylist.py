@@ -48,10 +48,12 @@ def deny_body(body: Any) -> tuple[int | None, str]:
     if unknown:
         raise InvalidRequest(f"unknown field: {unknown[0]}")
     ttl = body.get("ttl_s")
-    if ttl is not None and (
+    if "ttl_s" in body and (
         isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_TTL_S
     ):
-        raise InvalidRequest(f"ttl_s must be an integer of seconds in 1..{MAX_TTL_S}")
+        raise InvalidRequest(
+            f"ttl_s must be an integer of seconds in 1..{MAX_TTL_S} (absent: until deleted)"
+        )
     reason = body.get("reason", "")
     if not isinstance(reason, str) or len(reason) > MAX_REASON:
         raise InvalidRequest(f"reason must be a string of at most {MAX_REASON} characters")

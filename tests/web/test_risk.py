@@ -462,6 +462,7 @@ def test_the_shipped_rules_parse_and_enforce_what_the_rehearsal_needs() -> None:
         ("PUT", "/admin/v1/risk/deny/ip/300.1.1.1", {}, 400),
         ("PUT", "/admin/v1/risk/deny/user/" + "u" * 65, {}, 400),
         ("PUT", "/admin/v1/risk/deny/user/u", {"ttl_s": 0}, 400),
+        ("PUT", "/admin/v1/risk/deny/user/u", {"ttl_s": None}, 400),
         ("PUT", "/admin/v1/risk/deny/user/u", {"ttl_s": "60"}, 400),
         ("PUT", "/admin/v1/risk/deny/user/u", {"ttl_s": True}, 400),
         ("PUT", "/admin/v1/risk/deny/user/u", {"ttl_s": 10**9}, 400),
