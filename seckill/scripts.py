@@ -71,6 +71,8 @@ class Scripts:
     retire_orders: Script
     unbind_payment_event: Script
     report_snapshot: Script
+    risk_velocity: Script
+    risk_deny: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:
