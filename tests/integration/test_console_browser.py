@@ -476,11 +476,45 @@ def _fake_gateway(port: int, ready: threading.Event, stop: threading.Event) -> N
 def test_the_queue_and_risk_panels_appear_once_their_endpoints_answer(
     browser: Any, sale: Sale
 ) -> None:
-    """Hidden on a gateway without them (404), shown as soon as a gateway answers them."""
+    """Each panel shows exactly when the gateway answers its endpoint; a risk hit appears."""
+    from selenium.webdriver.common.by import By
+
+    risk = _call(f"{sale.url}/admin/v1/risk/hits?limit=1", headers=_admin())[0]
+    listed = _call(f"{sale.url}/admin/v1/activities", headers=_admin())[1]["activities"]
+    draws = {
+        a["id"]: _call(f"{sale.url}/admin/v1/activities/{a['id']}/draw", headers=_admin())[0]
+        for a in listed
+    }
     _signed_in(browser, sale.url)
     _until(lambda: _text(browser, "#health-redis") == "up", "a first snapshot")
-    assert not _visible(browser, "#queue-panel") and not _visible(browser, "#risk-panel")
+    if risk == 200:  # risk control is in this gateway: a refusal shows as a hit
+        denied = "console-denied"
+        put = _call(
+            f"{sale.url}/admin/v1/risk/deny/user/{denied}",
+            "PUT",
+            {"ttl_s": 600, "reason": "console test"},
+            _admin(),
+        )
+        assert put[0] in (200, 201), put
+        status, answer = _order(sale, listed[0]["id"], denied, "denied-1")
+        assert status == 403 and answer["error"]["code"] == "risk_refused", answer
+        _until(lambda: "deny_user" in _text(browser, "#risk tbody"), "the hit in the risk panel")
+        assert _visible(browser, "#risk-panel")
+        assert denied not in _text(browser, "#risk tbody")  # subjects are keyed hashes
+    else:
+        assert risk == 404
+        assert not _visible(browser, "#risk-panel")
+    if 200 in draws.values():  # a fair sale's queue: its row shows
+        _until(lambda: _visible(browser, "#queue-panel"), "the queue panel")
+        for activity_id, status in draws.items():
+            rows = browser.find_elements(
+                By.CSS_SELECTOR, f'#queue tr[data-activity="{activity_id}"]'
+            )
+            assert bool(rows) == (status == 200), activity_id
+    else:
+        assert not _visible(browser, "#queue-panel")
 
+    # a gateway with both endpoints (stand-ins here) shows both panels
     port = free_port()
     ready, stop = threading.Event(), threading.Event()
     server = threading.Thread(target=_fake_gateway, args=(port, ready, stop), daemon=True)
