@@ -78,6 +78,7 @@ class Live:
         self._loop_lag_ms = 0.0
         self._closed = False
         self.snapshots = 0  # taken since start: one a second while watched, whoever watches
+        self._failing = 0
 
     @property
     def viewers(self) -> int:
@@ -117,8 +118,13 @@ class Live:
             started = loop.time()
             try:
                 frame = _frame(await self.take())
+                self._failing = 0
             except Exception:  # a console must never stop updating over one bad reading
-                log.exception("console snapshot failed")
+                self._failing += 1
+                if self._failing == 1:  # the first in full, the repeats as a count
+                    log.exception("console snapshot failed")
+                elif self._failing % 60 == 0:
+                    log.warning("console snapshots failing: %d in a row", self._failing)
                 frame = _frame({"at": clock.to_rfc3339(clock.now_ms()), "error": "snapshot failed"})
             self._latest = (time.monotonic(), frame)
             for viewer in list(self._viewers):

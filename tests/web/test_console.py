@@ -231,3 +231,28 @@ async def test_requests_per_second_count_every_worker(settings: Settings, tmp_pa
         assert rate > 0
         assert snapshot["requests"]["by_outcome"]["sold_out"] == rate
         response.close()
+
+
+async def test_a_failed_snapshot_is_said_and_the_stream_goes_on(
+    client: Client, settings: Settings
+) -> None:
+    """One bad reading never stops a console: it gets an error frame, then the next snapshot."""
+    assert client.app is not None
+    live = client.app[SERVICES].live
+    assert live is not None
+    real = live.take
+    calls = 0
+
+    async def fails_once() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a reading gone wrong")
+        return await real()
+
+    live.take = fails_once  # type: ignore[method-assign]
+    response = await client.get("/admin/v1/live?events=2", headers=admin_headers(settings))
+    first, second = [snapshot async for snapshot in _events(response)]
+    assert first["error"] == "snapshot failed"
+    assert "a reading gone wrong" not in json.dumps(first)  # details stay in the log
+    assert second["redis"]["up"] is True and "activities" in second

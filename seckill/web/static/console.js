@@ -182,8 +182,12 @@
 
   function render(snap) {
     lastSnapshotAt = Date.now();
+    const stream = $("#banner-stream");
+    stream.textContent = snap.error
+      ? `The gateway could not take a snapshot (${snap.error}): see its log.` : "";
+    show(stream, Boolean(snap.error));
+    if (snap.error) return;  // keep the last good figures on screen
     latest = snap;
-    show($("#banner-stream"), false);
     renderBanners(snap);
     renderTraffic(snap.requests || { per_second: 0, by_outcome: {}, by_endpoint: {} });
     if (snap.activities) renderActivities(snap);
