@@ -569,11 +569,12 @@
   async function pollRisk() {
     if (token === null) return POLL_RISK_MS;
     const answer = await api("GET", "/admin/v1/risk/hits?limit=20");
+    if (answer.status === 404) { show($("#risk-panel"), false); return POLL_ABSENT_MS; }
     const available = answer.status === 200 && answer.data && Array.isArray(answer.data.hits);
-    show($("#risk-panel"), available);
-    if (!available) return answer.status === 404 ? POLL_ABSENT_MS : POLL_RISK_MS;
+    if (!available) return POLL_RISK_MS;  // a 503 (Redis away): keep the last hits shown
+    show($("#risk-panel"), true);
     const hits = answer.data.hits;
-    $("#risk-count").textContent = `(latest ${hits.length})`;
+    $("#risk-count").textContent = hits.length ? `(latest ${hits.length})` : "(none yet)";
     $("#risk tbody").replaceChildren(...hits.map((h) => el("tr", {},
       el("td", { textContent: h.at }), el("td", { textContent: h.rule }),
       el("td", { class: h.mode === "enforced" ? "bad-text" : "warn-text", textContent: h.mode }),
