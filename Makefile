@@ -13,13 +13,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # System tools from the distribution: redis-server (the embedded Redis, the test suite's
-# private Redis), wrk (the benchmarks) and prometheus with promtool (the alert rules and the
-# real-Prometheus test). Installed with apt-get when missing and allowed.
+# private Redis), wrk (the benchmarks), prometheus with promtool (the alert rules and the
+# real-Prometheus test) and chromium with its chromedriver (the ops console's browser tests,
+# driven by Selenium: nothing is downloaded at run time). Installed with apt-get when missing
+# and allowed.
 tools:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \

@@ -122,11 +122,13 @@ class Snapshot:
     dead_letters: int
     record_count: int
     sku_stock: dict[bytes, bytes] = field(default_factory=dict)  # SKU id -> quantity on sale
+    # False: a shallow reading (the console's): counts only, whatever the records number
+    deep_allowed: bool = True
 
     @property
     def deep(self) -> bool:
         """True when the order records (and holders) were read, for the per-order checks."""
-        return len(self.records) == self.record_count
+        return self.deep_allowed and len(self.records) == self.record_count
 
     @classmethod
     def parse(cls, raw: Any) -> Snapshot:
@@ -158,9 +160,13 @@ class Snapshot:
 
 async def _snapshot(client: Redis, activity_id: str, deep_limit: int) -> Snapshot:
     raw = await _scripts().report_snapshot(
-        client, keys.report_keys(activity_id), [GROUP, PENDING_CAP, TAIL_CAP, "full", deep_limit]
+        client,
+        keys.report_keys(activity_id),
+        [GROUP, PENDING_CAP, TAIL_CAP, "full", max(deep_limit, -1)],
     )
-    return Snapshot.parse(raw)
+    snap = Snapshot.parse(raw)
+    snap.deep_allowed = deep_limit >= 0
+    return snap
 
 
 async def _positions(client: Redis, activity_id: str) -> tuple[str, str]:
@@ -238,7 +244,11 @@ async def _read_store(
 async def build(
     client: Redis, store: OrderStore, activity_id: str, *, deep_limit: int = DEEP_LIMIT
 ) -> dict[str, Any] | None:
-    """The contract's report plus ``problems`` (what is wrong, in words); None if unknown."""
+    """The contract's report plus ``problems`` (what is wrong, in words); None if unknown.
+
+    A negative ``deep_limit`` reads counts only (one store COUNT, no order records): the
+    console's once-a-second reading, which must stay cheap however big the sale.
+    """
     meta: Any = await client.hgetall(keys.meta(activity_id))
     if not meta:
         return None

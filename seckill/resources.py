@@ -42,3 +42,8 @@ def risk_path() -> Path:
 def limits_path() -> Path:
     """The default rate-limit rules, config/limits.toml."""
     return _first(_CHECKOUT / "config" / "limits.toml", _PACKAGE / "_config" / "limits.toml")
+
+
+def console_dir() -> Path:
+    """The ops console's page, script and style sheet (inside the package: no build step)."""
+    return _PACKAGE / "web" / "static"

@@ -315,6 +315,7 @@ async def serve_until_signal(
         services.metrics.add_writer(orders.writer, orders.sweeper)
         services.metrics.add_loops(orders.supervisors)
         services.loops = orders.alive
+        services.breakers.append(orders.writer.breaker)
         orders_task = asyncio.create_task(
             orders.run(stop_orders, final_drain_s=settings.server.shutdown_timeout_s)
         )

@@ -119,6 +119,10 @@ class Switches:
         """Every known flag and every flag set, with its current value."""
         return {**{name: flag.default for name, flag in KNOWN.items()}, **self._values}
 
+    def expiries(self) -> dict[str, str]:
+        """When each flag set with a TTL returns to its previous value (RFC 3339)."""
+        return {name: clock.to_rfc3339(at) for name, at in sorted(self._expiries.items())}
+
     # -- changes ----------------------------------------------------------------------------
 
     async def set(self, name: str, value: Any, ttl_s: int | None, who: str) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from seckill import clock, keys, report
@@ -12,7 +14,7 @@ from seckill.orders import deadletters
 from seckill.orders.store import StoreUnavailable
 from seckill.scripts import CONNECTION_ERRORS
 from seckill.web.bodies import parse_json, read_limited
-from seckill.web.state import SERVICES
+from seckill.web.state import SERVICES, Services
 
 routes = web.RouteTableDef()
 
@@ -34,6 +36,61 @@ async def put_activity(request: web.Request) -> web.Response:
         raise NotFound("activity vanished after creation")
     body = entry.activity.admin(clock.now_ms(), entry.stock_left, sku_left=entry.sku_left)
     return web.json_response(body, status=201)
+
+
+@routes.get("/admin/v1/activities", name="admin_activity_list")
+async def list_activities(request: web.Request) -> web.Response:
+    """Every activity's definition and live state, by id (?limit=, at most 1000)."""
+    services = request.app[SERVICES]
+    services.admin.check(request.headers.get("Authorization"))
+    limit = _page_limit(request)
+    try:
+        ids = await services.stock.activity_ids()
+        pipe = services.redis.pipeline(transaction=False)
+        for activity_id in ids[:limit]:
+            pipe.hgetall(keys.meta(activity_id))
+            pipe.get(keys.stock(activity_id))
+            pipe.hgetall(keys.sku_stock(activity_id))
+        replies = await pipe.execute()
+    except CONNECTION_ERRORS as exc:
+        raise RedisUnavailable() from exc
+    now_ms = clock.now_ms()
+    listed = []
+    for i in range(0, len(replies), 3):
+        meta, stock, skus = replies[i : i + 3]
+        if meta:
+            listed.append(_admin_body(Activity.from_meta(meta), now_ms, stock, skus, services))
+    return web.json_response({"count": len(ids), "activities": listed})
+
+
+@routes.get(r"/admin/v1/activities/{activity_id:[^/]+}", name="admin_activity_get")
+async def get_activity(request: web.Request) -> web.Response:
+    """One activity's definition and live state (what the console edits)."""
+    services = request.app[SERVICES]
+    services.admin.check(request.headers.get("Authorization"))
+    activity_id = request.match_info["activity_id"]
+    if not keys.ID_PATTERN.fullmatch(activity_id):
+        raise NotFound("no such activity")
+    try:
+        pipe = services.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.meta(activity_id))
+        pipe.get(keys.stock(activity_id))
+        pipe.hgetall(keys.sku_stock(activity_id))
+        meta, stock, skus = await pipe.execute()
+    except CONNECTION_ERRORS as exc:
+        raise RedisUnavailable() from exc
+    if not meta:
+        raise NotFound("no such activity")
+    body = _admin_body(Activity.from_meta(meta), clock.now_ms(), stock, skus, services)
+    return web.json_response(body)
+
+
+def _admin_body(
+    activity: Activity, now_ms: int, stock: Any, skus: Any, services: Services
+) -> dict[str, Any]:
+    paused = services.switches.value(f"activity.{activity.id}.paused") is True
+    sku_left = {k.decode(): int(v) for k, v in skus.items()}
+    return activity.admin(now_ms, int(stock or 0), paused, sku_left=sku_left)
 
 
 @routes.get("/admin/v1/activities/{activity_id}/report", name="admin_activity_report")

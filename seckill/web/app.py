@@ -34,7 +34,8 @@ from seckill.settings import Settings
 from seckill.stock import Stock
 from seckill.switches import Switches
 from seckill.upstreams import Upstream
-from seckill.web import admin, ops, public
+from seckill.web import admin, console, ops, public
+from seckill.web.live import Live
 from seckill.web.middlewares import errors
 from seckill.web.state import SERVICES, Services
 
@@ -85,6 +86,14 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
     services.http = aiohttp.ClientSession()
     yield
     await services.http.close()
+
+
+async def _live_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The console's snapshot loop runs only while a console watches; stopped at exit."""
+    yield
+    live = app[SERVICES].live
+    if live is not None:
+        await live.close()
 
 
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -305,7 +314,9 @@ def create_app(settings: Settings) -> web.Application:
         metrics=metrics,
         openapi=yaml.safe_load(resources.openapi_path().read_text(encoding="utf-8")),
         personal=_sealer(settings),
+        breakers=breakers,
     )
+    services.live = Live(services)
     app = web.Application(middlewares=[errors], client_max_size=1024 * 1024)
     app[SERVICES] = services
     if settings.server.metrics_dir:
@@ -328,9 +339,11 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_http_ctx)
     app.cleanup_ctx.append(_background_ctx)
+    app.cleanup_ctx.append(_live_ctx)
     app.add_routes(public.routes)
     app.add_routes(admin.routes)
     app.add_routes(ops.routes)
+    app.add_routes(console.routes)
     if not settings.server.ops_port:
         app.add_routes(ops.probes)  # else only on the internal listener (create_ops_app)
     return app

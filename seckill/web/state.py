@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +25,9 @@ from seckill.settings import Settings
 from seckill.stock import Stock
 from seckill.switches import Switches
 from seckill.upstreams import Upstream
+
+if TYPE_CHECKING:
+    from seckill.web.live import Live
 
 
 @dataclass(slots=True)
@@ -62,6 +65,10 @@ class Services:
     ready_checked_at: float = -1e9
     # seals and opens addresses on orders; None: no data key (orders with an address refused)
     personal: Sealer | None = None
+    # every circuit breaker of this process, for the console (the writer's joins it in `up`)
+    breakers: list[AsyncBreaker] = field(default_factory=list)
+    # the console's live snapshot: computed once a second only while a console watches
+    live: Live | None = None
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
