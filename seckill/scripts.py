@@ -69,6 +69,8 @@ class Scripts:
     retire_orders: Script
     unbind_payment_event: Script
     report_snapshot: Script
+    record_prepay: Script
+    refund_update: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -24,6 +24,9 @@ from seckill.settings import Settings
 from seckill.stock import Stock
 from seckill.switches import Switches
 from seckill.upstreams import Upstream
+
+if TYPE_CHECKING:
+    from seckill.payments.wechatpay import WechatPay
 
 
 @dataclass(slots=True)
@@ -60,6 +63,8 @@ class Services:
     ready_checked_at: float = -1e9
     # seals and opens addresses on orders; None: no data key (orders with an address refused)
     personal: Sealer | None = None
+    # WeChat Pay (SECKILL_WECHATPAY_*, or the local one of `up --fake-wechatpay`); None: off
+    wechatpay: WechatPay | None = None
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
