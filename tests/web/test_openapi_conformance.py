@@ -22,7 +22,9 @@ schema.config.generation.update(
 )
 
 _SETTINGS = settings_module.load(environ={})
-_USER = {"Authorization": f"Bearer {UserAuth(_SETTINGS.jwt.secret).mint('fuzzer', 3600)}"}
+_USER = {
+    "Authorization": f"Bearer {UserAuth(_SETTINGS.jwt.secret).mint('fuzzer', 3600, openid='o-fuzzer')}"
+}
 _ADMIN = {"Authorization": f"Bearer {_SETTINGS.admin.token}"}
 _SIGNER = PaymentSignature(_SETTINGS.payment.secret, _SETTINGS.payment.tolerance_s)
 LIVE_ACTIVITY = "fuzz-live"
