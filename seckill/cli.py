@@ -270,6 +270,7 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
             metrics = Metrics()
             metrics.add_writer(service.writer, service.sweeper)
             metrics.add_loops(service.supervisors)
+            metrics.add_payments(service)
             start_http_server(settings.writer.metrics_port, registry=metrics.registry)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

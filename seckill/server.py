@@ -306,6 +306,7 @@ async def serve_until_signal(
         orders = OrderService(settings, services.redis, services.store, services.wechatpay)
         services.metrics.add_writer(orders.writer, orders.sweeper)
         services.metrics.add_loops(orders.supervisors)
+        services.metrics.add_payments(orders)
         services.loops = orders.alive
         orders_task = asyncio.create_task(
             orders.run(stop_orders, final_drain_s=settings.server.shutdown_timeout_s)
