@@ -252,7 +252,11 @@ class DeadlineSettler:
                 self.stats.paid += 1
                 log.info("order %s paid before its deadline (%s)", order_id, settlement.reason)
                 await self.ledger.forget_prepay(order_id)
-            # refund_required: the order had ended another way; the refunder takes it from here
+            if payment is Payment.REFUND_REQUIRED:
+                # paid, but not in time by the provider's own clock (or the order had ended):
+                # the refunder gives the money back, and a still reserved order expires now
+                outcome = await self.stock.release(order_id, "expired", settled=True)
+                self.stats.released += outcome is Release.RELEASED
             return payment in (Payment.PAID, Payment.REFUND_REQUIRED)
         if settlement.verdict is Verdict.UNPAID:
             outcome = await self.stock.release(order_id, "expired", settled=True)

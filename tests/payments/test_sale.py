@@ -20,6 +20,9 @@ import base64
 import contextlib
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -478,12 +481,16 @@ async def test_bad_input_on_the_new_endpoints(sale: Sale) -> None:
         "invalid_request",
     )
     assert await code(await client.post(url, headers=sale.user("mallory"))) == (404, "not_found")
-    assert await code(await client.post("/api/v1/orders/nope/payment", headers=alice)) == (
+    assert await code(
+        await client.post("/api/v1/orders/nope/payment", headers=sale.user("mallory"))
+    ) == (
         404,
         "not_found",
     )
     assert await code(
-        await client.post(f"/api/v1/orders/{activity_id}.{'0' * 20}/payment", headers=alice)
+        await client.post(
+            f"/api/v1/orders/{activity_id}.{'0' * 20}/payment", headers=sale.user("mallory")
+        )
     ) == (404, "not_found")
     await client.post(f"/api/v1/orders/{order_id}/cancel", headers=alice)
     assert await code(await client.post(url, headers=alice)) == (409, "not_payable")
@@ -609,3 +616,49 @@ async def test_a_small_sale_end_to_end_with_cancels_expiries_and_refunds(sale: S
         assert time.monotonic() < deadline, stored
         await asyncio.sleep(0.1)
     assert sale.fake.orders[out_trade_no_for(orders["eve"])].state == "CLOSED"
+
+
+def _cli(sale: Sale, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
+    env["SECKILL_REDIS_URL"] = sale.settings.redis.url
+    return subprocess.run(
+        [sys.executable, "-m", "seckill", "refunds", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_an_abnormal_refund_waits_for_a_person_and_a_retry_keeps_its_number(
+    sale: Sale,
+) -> None:
+    activity_id = await sale.activity()
+    order_id = await sale.buy(activity_id, "alice")
+    assert (await sale.prepay(order_id, "alice"))[0] == 200
+    cancel = await sale.client.post(f"/api/v1/orders/{order_id}/cancel", headers=sale.user("alice"))
+    assert cancel.status == 200
+    sale.fake.refund_outcome = "ABNORMAL"  # the payer's account refused the money
+    sale.fake.pay(out_trade_no_for(order_id))
+
+    def status() -> str:
+        raw = sale.redis.hget(keys.refunds(activity_id), order_id)
+        return str(json.loads(raw or "{}").get("status"))
+
+    await eventually(lambda: status() == "attention")
+    assert len(sale.fake.delivered("REFUND.ABNORMAL")) >= 1
+    listed = await asyncio.to_thread(_cli, sale, "list", activity_id)
+    assert listed.returncode == 0, listed.stderr
+    [line] = listed.stdout.splitlines()
+    shown = json.loads(line)
+    assert shown["status"] == "attention" and shown["order_id"] == order_id
+    number = shown["out_refund_no"]
+    report = await sale.report(activity_id)
+    assert report["refunds"]["attention"] == 1 and report["refunds"]["owed_cents"] == PRICE
+
+    retried = await asyncio.to_thread(_cli, sale, "retry", activity_id)
+    assert retried.returncode == 0 and json.loads(retried.stdout)["retried"] == 1
+    calls = sale.fake.calls["refund"]
+    await eventually(lambda: sale.fake.calls["refund"] > calls)  # asked again
+    await eventually(lambda: status() == "attention")
+    assert list(sale.fake.refunds) == [number], "the same refund number, never a second refund"
