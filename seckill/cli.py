@@ -156,9 +156,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         if problem:
             print(f"seckill: {problem}", file=sys.stderr)
             return 2
-        return server.serve(
-            settings, 1, _announce, with_orders=True, fake_wechatpay=fake_wechatpay
-        )
+        return server.serve(settings, 1, _announce, with_orders=True, fake_wechatpay=fake_wechatpay)
     finally:
         if embedded is not None:
             embedded.stop()

@@ -46,6 +46,7 @@ from seckill.scripts import CONNECTION_ERRORS
 from seckill.stock import Payment
 from seckill.web.admin import _page_limit
 from seckill.web.bodies import parse_json, read_limited
+from seckill.web.middlewares import OUTCOME
 from seckill.web.public import _order_rate_limited, _own_order
 from seckill.web.state import SERVICES, Services
 
@@ -168,7 +169,9 @@ async def prepay(request: web.Request) -> web.Response:
 
 
 def _fail(status: int, message: str) -> web.Response:
-    return web.Response(status=status, body=fail_body(message), content_type="application/json")
+    response = web.Response(status=status, body=fail_body(message), content_type="application/json")
+    response[OUTCOME] = f"fail_{status}"  # counted by the middleware like the other refusals
+    return response
 
 
 @routes.post("/api/v1/payments/wechat/notify", name="wechatpay_notify")
@@ -186,7 +189,6 @@ async def wechat_notify(request: web.Request) -> web.Response:
         notice = provider.verify_notice(request.headers, raw)
     except BadCallback as exc:
         # nothing was read from it and nothing changes: WeChat sends it again if it was real
-        services.metrics.count("wechatpay_notify", "refused")
         return _fail(exc.status, exc.message)
     try:
         if isinstance(notice, PaymentNotice):
@@ -234,7 +236,6 @@ async def _payment(services: Services, notice: PaymentNotice) -> None:
         notice.amount_total,
         notice.success_time,
     )
-    services.metrics.count("wechatpay_notify", payment.value)
     if payment is Payment.PAID:
         await ledger.forget_prepay(notice.order_id)
 
