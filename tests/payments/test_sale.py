@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from seckill import keys
+from seckill import keys as keys_module
 from seckill.auth import UserAuth
 from seckill.embedded import free_port
 from seckill.orders.service import OrderService
@@ -662,3 +663,29 @@ async def test_an_abnormal_refund_waits_for_a_person_and_a_retry_keeps_its_numbe
     await eventually(lambda: sale.fake.calls["refund"] > calls)  # asked again
     await eventually(lambda: status() == "attention")
     assert list(sale.fake.refunds) == [number], "the same refund number, never a second refund"
+
+
+async def test_the_reconciler_finds_a_lost_payment_and_closes_a_cancelled_order(
+    settings: Settings, keys: Keys
+) -> None:
+    """主动查单: a payment whose notification was lost is found long before the deadline, and
+    the WeChat order of a cancelled order is closed so nobody pays for nothing."""
+    async with open_sale(settings, keys, reconcile_quiet_s=0.3) as sale:
+        activity_id = await sale.activity()
+        paid = await sale.buy(activity_id, "alice")
+        cancelled = await sale.buy(activity_id, "bob")
+        for order_id, name in ((paid, "alice"), (cancelled, "bob")):
+            assert (await sale.prepay(order_id, name))[0] == 200
+        response = await sale.client.post(
+            f"/api/v1/orders/{cancelled}/cancel", headers=sale.user("bob")
+        )
+        assert response.status == 200
+        sale.fake.faults.drop = 1
+        sale.fake.pay(out_trade_no_for(paid))
+        await eventually(lambda: sale.counter(activity_id, "paid") == 1)
+        assert await sale.status(paid, "alice") == "paid"
+        await eventually(lambda: sale.fake.orders[out_trade_no_for(cancelled)].state == "CLOSED")
+        reconciler = sale.service.reconciler
+        assert reconciler is not None
+        assert reconciler.stats.confirmed == 1 and reconciler.stats.closed == 1
+        await eventually(lambda: sale.redis.hlen(keys_module.prepays(activity_id)) == 0)
