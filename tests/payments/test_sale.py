@@ -434,12 +434,17 @@ async def test_wechat_pay_unreachable_prepay_503_expiries_happen_nothing_lost(
     await asyncio.sleep(1.5)
     # the prepaid order keeps its stock until WeChat Pay has said nobody paid
     assert await sale.status(held, "alice") == "reserved"
-    assert sale.service.settler is not None and sale.service.settler.held() == 1
+    settler = sale.service.settler
+    assert settler is not None and settler.held() == 1
+    # held past [payment] hold_ceiling_s (2 s here): counted for the alert, still held
+    await eventually(lambda: settler.over_ceiling() == 1)
+    assert await sale.status(held, "alice") == "reserved"
 
     sale.provider.config = reachable  # back
     await eventually(lambda: sale.counter(activity_id, "released") == 2)
     assert await sale.status(held, "alice") == "expired"
     assert sale.fake.orders[out_trade_no_for(held)].state == "CLOSED"
+    assert settler.held() == 0 and settler.over_ceiling() == 0
     assert sale.counter(activity_id, "reserved") == 0 and sale.counter(activity_id, "paid") == 0
     await _consistent(sale, activity_id)
 
