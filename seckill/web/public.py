@@ -30,8 +30,8 @@ from seckill.orders.record import OrderRecord
 from seckill.orders.store import StoreUnavailable
 from seckill.skus import OrderRequest
 from seckill.stock import Outcome, Payment, Release, payment_hash
-from seckill.web.bodies import parse_json, read_limited
-from seckill.web.middlewares import refusal
+from seckill.web.bodies import body_now, parse_json, read_limited
+from seckill.web.middlewares import OUTCOME, refusal
 from seckill.web.state import SERVICES, Services
 
 routes = web.RouteTableDef()
@@ -85,6 +85,7 @@ def _order_accepted(
         status=202,
     )
     response.headers["Location"] = f"/api/v1/orders/{order_id}"
+    response[OUTCOME] = "ok"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
@@ -104,14 +105,18 @@ async def create_order(request: web.Request) -> web.Response:
     """Reserve stock for the caller: checks in the contract's order, then one atomic script."""
     services = request.app[SERVICES]
     user_id, tier = services.users.user(request.headers.get("Authorization"))
-    raw = await read_limited(request, services.settings.server.max_body_bytes)
+    limit = services.settings.server.max_body_bytes
+    raw = body_now(request, limit)
+    if raw is None:  # still arriving: wait for it under the body deadline
+        raw = await read_limited(request, limit)
     order = OrderRequest.parse(parse_json(raw))
     idempotency_key = request.headers.get("Idempotency-Key", "")
     if not keys.IDEMPOTENCY_KEY_PATTERN.fullmatch(idempotency_key):
         raise InvalidRequest("Idempotency-Key header must be 1-64 characters of [A-Za-z0-9_-]")
 
     activity_id = request.match_info["activity_id"]
-    entry = await _entry(services, activity_id)
+    # cached (the storm's case): no coroutine, no id check (only valid ids are ever cached)
+    entry = services.catalog.entries().get(activity_id) or await _entry(services, activity_id)
     activity = entry.activity
     terms = skus.with_address(skus.resolve(activity, order, tier), order.address, services.personal)
 
