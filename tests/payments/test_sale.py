@@ -79,7 +79,8 @@ class Sale:
         return {"Authorization": f"Bearer {token}"}
 
     async def activity(self, **overrides: Any) -> str:
-        body = activity_body(price_cents=PRICE, stock=10, payment_timeout_s=900, **overrides)
+        fields: dict[str, Any] = {"price_cents": PRICE, "stock": 10, "payment_timeout_s": 900}
+        body = activity_body(**{**fields, **overrides})
         response = await self.client.post(
             "/admin/v1/activities", json=body, headers=admin_headers(self.settings)
         )
@@ -662,9 +663,9 @@ async def test_an_abnormal_refund_waits_for_a_person_and_a_retry_keeps_its_numbe
     report = await sale.report(activity_id)
     assert report["refunds"]["attention"] == 1 and report["refunds"]["owed_cents"] == PRICE
 
+    calls = sale.fake.calls["refund"]
     retried = await asyncio.to_thread(_cli, sale, "retry", activity_id)
     assert retried.returncode == 0 and json.loads(retried.stdout)["retried"] == 1
-    calls = sale.fake.calls["refund"]
     await eventually(lambda: sale.fake.calls["refund"] > calls)  # asked again
     await eventually(lambda: status() == "attention")
     assert list(sale.fake.refunds) == [number], "the same refund number, never a second refund"
