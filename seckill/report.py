@@ -270,14 +270,19 @@ async def build(
     body = _compare(
         activity_id, activity, snap, reading, stable, changes_stable, writer_alive, sweeper_alive
     )
-    body["refunds"] = await _refunds(client, activity_id)
+    refunds = await _refunds(client, activity_id)
+    if refunds is not None:
+        body["refunds"] = refunds
     return body
 
 
-async def _refunds(client: Redis, activity_id: str) -> dict[str, int]:
+async def _refunds(client: Redis, activity_id: str) -> dict[str, int] | None:
     """Refunds of refund_required payments by state, and the money they carry (few: late
-    payments). Money still owed (pending, processing, attention) is owed, not inconsistent."""
+    payments); None while the activity has none. Money still owed (pending, processing,
+    attention) is owed, not inconsistent."""
     values: Any = await client.hvals(keys.refunds(activity_id))
+    if not values:
+        return None
     counts = dict.fromkeys(("pending", "processing", "refunded", "attention"), 0)
     owed = refunded = 0
     for value in values:
