@@ -380,6 +380,18 @@ async def test_an_order_released_at_its_deadline_can_no_longer_be_paid(sale: Sal
 async def test_a_late_payment_is_refunded_once_even_when_the_refund_fails_twice_first(
     sale: Sale,
 ) -> None:
+    await _late_payment_refunded_once(sale)
+
+
+async def test_refunds_reach_postgresql_too(
+    settings: Settings, keys: Keys, postgres_url: str
+) -> None:
+    """The same late payment with PostgreSQL as the store (schema v3 there, newest version)."""
+    async with open_sale(settings.replace("database", url=postgres_url), keys) as sale:
+        await _late_payment_refunded_once(sale)
+
+
+async def _late_payment_refunded_once(sale: Sale) -> None:
     activity_id = await sale.activity()
     order_id = await sale.buy(activity_id, "alice")
     assert (await sale.prepay(order_id, "alice"))[0] == 200
