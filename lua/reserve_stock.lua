@@ -33,18 +33,34 @@
 -- ARGV[21] keyed hash of the normalised address ("" none)
 -- ARGV[14..21] are optional: a caller from before SKUs passes 13 arguments.
 --
+-- Risk rules (lua/risk.lua), addressed from the bases RISK_KEYS and RISK_ARGV so that other
+-- checks can add their own arguments beside them; optional (absent: no risk rules):
+-- KEYS[RISK_KEYS + 0] devices    set   users who bought with the request's device here
+-- KEYS[RISK_KEYS + 1] addresses  hash  keyed address hash -> orders created with it here
+-- ARGV[RISK_ARGV + 0] the gateway's hits "<rule>:<mode>,..." (deny list, velocity; "" none)
+-- ARGV[RISK_ARGV + 1] keyed hash of the request's X-Device-Id ("" none)
+-- ARGV[RISK_ARGV + 2] most accounts per device (0: off)  ARGV[RISK_ARGV + 3] its mode
+-- ARGV[RISK_ARGV + 4] most orders per address (0: off)   ARGV[RISK_ARGV + 5] its mode
+--
 -- Returns one of
 --   {"ok", order_id, quantity, expires_at_ms, stock_left, sku_stock_left}
 --   {"replay", order_id, quantity, expires_at_ms}
 --   {"rate_limited", scope, retry_after_ms}    scope: user, ip or admission
+--   {"risk_refused", rule}                     an enforced risk rule refused the attempt
 --   {code}  with code in not_found, reused, <gate>, stale (the gateway's definition is not
 --           the stored one: re-read and retry), not_started, ended, limit_reached, sold_out,
 --           unknown_sku, collision
+-- and every answer decided after the risk rules ends with {"risk", "<rule>:<mode>", ...} when
+-- a rule hit (risk_reply), so the gateway counts shadow hits too.
 --
 -- Every check runs before the first write: Redis does not roll back a script that fails halfway.
 -- (Taking a rate-limit token is the attempt's own outcome, not a half-done purchase.)
 
 --! include take_token.lua
+--! include risk.lua
+
+local RISK_KEYS = 13
+local RISK_ARGV = 22
 
 local user = ARGV[1]
 local quantity = tonumber(ARGV[2])
@@ -98,6 +114,21 @@ end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+-- risk rules, after switches and before rate limits (the contract's order); reads only
+local risk_on = KEYS[RISK_KEYS + 1] ~= nil
+local device = risk_on and given(RISK_ARGV + 1, '') or ''
+local risk_hits = {}
+if risk_on then
+  local refused
+  refused, risk_hits = risk_assess(
+    KEYS[RISK_KEYS + 0], KEYS[RISK_KEYS + 1], user, device, address_hash,
+    ARGV[RISK_ARGV + 0],
+    {ARGV[RISK_ARGV + 2], ARGV[RISK_ARGV + 3], ARGV[RISK_ARGV + 4], ARGV[RISK_ARGV + 5]})
+  if refused then
+    return risk_reply({'risk_refused', refused}, risk_hits)
+  end
+end
+
 -- rate limits, after idempotency and switches, before the window (the contract's order).
 -- A token taken is spent on the attempt whatever its outcome: limits count attempts.
 local buckets = {
@@ -113,26 +144,26 @@ for _, bucket in ipairs(buckets) do
         redis.call('HINCRBY', KEYS[7], 'shadow_limited_' .. bucket[1], 1)
       else
         redis.call('HINCRBY', KEYS[7], 'rate_limited_' .. bucket[1], 1)
-        return {'rate_limited', bucket[1], retry}
+        return risk_reply({'rate_limited', bucket[1], retry}, risk_hits)
       end
     end
   end
 end
 if now_ms < starts_at_ms then
-  return {'not_started'}
+  return risk_reply({'not_started'}, risk_hits)
 end
 if now_ms >= tonumber(meta[3]) then
-  return {'ended'}
+  return risk_reply({'ended'}, risk_hits)
 end
 
 -- limit_reached wins over sold_out: a user at the limit learns why, whatever the stock
 local held = tonumber(redis.call('HGET', KEYS[3], user) or '0')
 if held + quantity > limit then
-  return {'limit_reached'}
+  return risk_reply({'limit_reached'}, risk_hits)
 end
 local available = tonumber(redis.call('GET', KEYS[2]) or '0')
 if available < quantity then
-  return {'sold_out'}
+  return risk_reply({'sold_out'}, risk_hits)
 end
 -- per SKU: its own counter; an activity from before SKUs has none and sells on the total
 local sku_key = KEYS[12]
@@ -140,14 +171,14 @@ local sku_left = nil
 if sku_key and redis.call('EXISTS', sku_key) == 1 then
   sku_left = redis.call('HGET', sku_key, sku)
   if not sku_left then
-    return {'unknown_sku'}
+    return risk_reply({'unknown_sku'}, risk_hits)
   end
   if tonumber(sku_left) < quantity then
-    return {'sold_out'}
+    return risk_reply({'sold_out'}, risk_hits)
   end
 end
 if redis.call('HEXISTS', KEYS[4], order_id) == 1 then
-  return {'collision'}
+  return risk_reply({'collision'}, risk_hits)
 end
 
 -- writes: all checks passed
@@ -178,4 +209,9 @@ redis.call('HINCRBY', KEYS[7], 'orders_created', 1)
 redis.call('HINCRBY', KEYS[7], 'reserved', quantity)
 redis.call('SET', KEYS[8], cmsgpack.pack({fingerprint, order_id, quantity, expires_at_ms}),
            'EX', idem_ttl)
-return {'ok', order_id, quantity, expires_at_ms, left, sku_left or left}
+if risk_on then
+  -- kept a day past the sale's end: long enough for every check that can still buy
+  risk_record(KEYS[RISK_KEYS + 0], KEYS[RISK_KEYS + 1], user, device, address_hash,
+              tonumber(meta[3]) + 86400000)
+end
+return risk_reply({'ok', order_id, quantity, expires_at_ms, left, sku_left or left}, risk_hits)

@@ -73,6 +73,8 @@ class Scripts:
     report_snapshot: Script
     record_prepay: Script
     refund_update: Script
+    risk_velocity: Script
+    risk_deny: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:

@@ -22,6 +22,7 @@ from seckill.errors import (
     Overloaded,
     Paused,
     RateLimited,
+    RiskRefused,
     SeckillError,
     SoldOut,
 )
@@ -40,6 +41,7 @@ _REDIS_DOWN = Overloaded("stock service unavailable, retry later", retry_after=2
 _SOLD_OUT = SoldOut()
 _NO_SUCH_ORDER = NotFound("no such order")
 _ENDED = Ended()
+_RISK_REFUSED = RiskRefused()
 # switches and limits decided in the gateway, answered by the script after idempotency
 _GATES: dict[str, SeckillError] = {
     "degraded": Degraded("flash sales are switched off for now"),
@@ -57,6 +59,7 @@ _REFUSALS: dict[Outcome, SeckillError] = {
     Outcome.ENDED: _ENDED,
     Outcome.LIMIT_REACHED: LimitReached(),
     Outcome.SOLD_OUT: _SOLD_OUT,
+    Outcome.RISK_REFUSED: _RISK_REFUSED,
 }
 
 
@@ -100,6 +103,16 @@ def _rate_limited(wait_s: float, burst: float) -> web.Response:
     return response
 
 
+def device_id(request: web.Request) -> str:
+    """The optional X-Device-Id ("" when absent); InvalidRequest when malformed."""
+    device = request.headers.get("X-Device-Id")
+    if device is None:
+        return ""
+    if not keys.IDEMPOTENCY_KEY_PATTERN.fullmatch(device):
+        raise InvalidRequest("X-Device-Id header must be 1-64 characters of [A-Za-z0-9_-]")
+    return device
+
+
 @routes.post("/api/v1/activities/{activity_id}/orders", name="order_create")
 async def create_order(request: web.Request) -> web.Response:
     """Reserve stock for the caller: checks in the contract's order, then one atomic script."""
@@ -113,6 +126,7 @@ async def create_order(request: web.Request) -> web.Response:
     idempotency_key = request.headers.get("Idempotency-Key", "")
     if not keys.IDEMPOTENCY_KEY_PATTERN.fullmatch(idempotency_key):
         raise InvalidRequest("Idempotency-Key header must be 1-64 characters of [A-Za-z0-9_-]")
+    device = device_id(request)
 
     activity_id = request.match_info["activity_id"]
     # cached (the storm's case): no coroutine, no id check (only valid ids are ever cached)
@@ -120,27 +134,44 @@ async def create_order(request: web.Request) -> web.Response:
     activity = entry.activity
     terms = skus.with_address(skus.resolve(activity, order, tier), order.address, services.personal)
 
+    # the gateway's part of the contract's order: switches -> risk rules -> rate limits; the
+    # script answers the first that applies after the idempotency check
     switches = services.switches
     gate = switches.gate(activity_id)
     if not gate and entry.over_ceiling:
         gate = "overloaded"
+    risk = services.risk
+    screening = risk.screen_locally(risk.subject(user_id, device, request.remote))
     rule = services.limits.for_activity(activity_id)
-    wait = 0.0
     factor = switches.value("admission.factor")
-    if not gate:
+    if entry.sold_out_for(user_id, terms.sku_id):
+        # the storm's common case: no Redis round trip for a user who holds nothing here;
+        # the answer is still the first that applies of switches, deny list, rate limits,
+        # window, stock (velocity is not counted: this attempt can buy nothing)
+        if gate:
+            return refusal(_GATES[gate])
+        if screening.hits:
+            risk.record(activity_id, screening.subject, screening.hits)
+        if screening.refused:
+            return refusal(_RISK_REFUSED)
+        wait = services.limits.admit(activity_id, rule, factor)
+        if wait:
+            return _rate_limited(wait, rule.admission_burst)
+        return refusal(_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT)
+
+    wait = 0.0
+    if not gate and not screening.refused:
+        try:
+            screening = await services.redis_breaker.call(lambda: risk.screen_velocity(screening))
+        except BreakerOpen:
+            return refusal(_REDIS_DOWN)
+    if not gate and not screening.refused:
         # the local admission bucket: no network round trip (the exact one is in Redis)
         wait = services.limits.admit(activity_id, rule, factor)
         if wait:
             gate = "rate_limited"
-    if entry.sold_out_for(user_id, terms.sku_id):
-        # the storm's common case: no Redis round trip for a user who holds nothing here;
-        # the answer is still the first that applies of switches, window, stock
-        if gate == "rate_limited":
-            return _rate_limited(wait, rule.admission_burst)
-        if gate:
-            return refusal(_GATES[gate])
-        return refusal(_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT)
-
+    risk_keys = risk.script_keys(activity_id, screening)
+    risk_parts = (risk_keys, risk.script_args(activity_id, screening))
     try:
         reservation = await services.redis_breaker.call(
             lambda: services.stock.reserve(
@@ -152,11 +183,17 @@ async def create_order(request: web.Request) -> web.Response:
                 rule.redis_limits(factor),
                 request.remote or "",
                 terms,
+                risk_parts,
             )
         )
     except BreakerOpen:
         # fail closed: never sell without Redis; retry once the breaker has probed again
         return refusal(_REDIS_DOWN)
+    if reservation.risk_hits:
+        risk.record(activity_id, screening.subject, reservation.risk_hits, terms.address_hash)
+    elif screening.hits and gate == "rate_limited" and reservation.outcome is Outcome.GATED:
+        # the local admission refused after the risk rules let it pass in shadow: still a hit
+        risk.record(activity_id, screening.subject, screening.hits)
     outcome = reservation.outcome
     if outcome is Outcome.OK:
         services.catalog.note_reserved(

@@ -19,6 +19,7 @@ from seckill.limits import Rules
 from seckill.metrics import Metrics, Shared
 from seckill.orders.store import OrderStore
 from seckill.personal import Sealer
+from seckill.risk import Risk
 from seckill.scripts import Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
@@ -40,6 +41,7 @@ class Services:
     events: Events
     redis_breaker: AsyncBreaker
     limits: Rules
+    risk: Risk
     upstreams: dict[str, Upstream]
     users: UserAuth
     admin: AdminAuth
