@@ -2,7 +2,11 @@
 
 Shoppers open the activity, wait for the start second, buy with an Idempotency-Key (retrying
 with the same key after 429/503, honouring Retry-After), poll their order, then pay (a share
-of the winners, through a correctly signed callback), cancel (a few) or leave it to expire.
+of the winners), cancel (a few) or leave it to expire. With SECKILL_LT_WECHATPAY_URL (the local
+WeChat Pay of `seckill up --fake-wechatpay`) a payer asks the gateway for the prepay, then
+hands its request_payment parameters to the local WeChat Pay as wx.requestPayment would; the
+gateway learns of it from WeChat Pay's signed notification. Without it the payer's provider
+sends the generic signed callback.
 Each has a phone of their own (X-Device-Id) and a home address; a few share both with one
 other shopper (a family).
 
@@ -23,7 +27,7 @@ that costs nothing). Environment (set by run.py):
   SECKILL_LT_SPAWN_RATE, SECKILL_LT_DURATION_S, SECKILL_LT_OPS ("1": the ops user runs),
   SECKILL_LT_PRICE_CENTS, SECKILL_LT_REGISTER ("1": everyone registers first, once
   POST /api/v1/activities/{id}/registration exists), SECKILL_LT_BOT_LEAD_S (how early bots
-  start firing, default 1.5).
+  start firing, default 1.5), SECKILL_LT_WECHATPAY_URL.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ ADMIN_TOKEN = os.environ.get("SECKILL_LT_ADMIN_TOKEN", "")
 PRICE = int(os.environ.get("SECKILL_LT_PRICE_CENTS", "100"))
 OUT = os.environ.get("SECKILL_LT_OUT", ".")
 ORDER_URL = f"/api/v1/activities/{ACTIVITY}/orders"
+WECHATPAY_URL = os.environ.get("SECKILL_LT_WECHATPAY_URL", "")
 REGISTRATION_URL = f"/api/v1/activities/{ACTIVITY}/registration"
 REGISTER = os.environ.get("SECKILL_LT_REGISTER") == "1"
 BOT_LEAD_S = float(os.environ.get("SECKILL_LT_BOT_LEAD_S", "1.5"))
@@ -216,7 +221,9 @@ class Shopper(FastHttpUser):
             return
         self.client.get(f"/api/v1/orders/{order_id}", headers=self.auth, name="GET order")
         fate = random.random()
-        if fate < 0.6:
+        if fate < 0.6 and WECHATPAY_URL:
+            self._pay_with_wechat(order_id)
+        elif fate < 0.6:
             body = json.dumps(
                 {
                     "event_id": uuid.uuid4().hex,
@@ -239,6 +246,22 @@ class Shopper(FastHttpUser):
             OUTCOMES["cancelled"] += 1
         else:
             OUTCOMES["left_to_expire"] += 1
+
+    def _pay_with_wechat(self, order_id: str) -> None:
+        """Prepay at the gateway, then pay at the local WeChat Pay (wx.requestPayment)."""
+        response = self.client.post(
+            f"/api/v1/orders/{order_id}/payment", headers=self.auth, name="POST payment (prepay)"
+        )
+        if response.status_code != 200:
+            OUTCOMES[f"wechatpay_prepay_{response.status_code}"] += 1
+            return
+        parameters = json.loads(response.content)["request_payment"]
+        paid = self.client.post(
+            f"{WECHATPAY_URL}/fake/request-payment",
+            json={**parameters, "openid": f"o-{self.user_id}"},
+            name="wx.requestPayment (local WeChat Pay)",
+        )
+        OUTCOMES["wechatpay_paid" if paid.status_code == 200 else "wechatpay_refused"] += 1
 
 
 def _payment_result(response: Any) -> str:

@@ -2,7 +2,9 @@
 
     .venv/bin/python loadtest/run.py --users 2000 --spawn-rate 1000 --duration 20 --stock 500
 
-It starts `seckill up` in a temporary directory unless --gateway points at a running one,
+It starts `seckill up --fake-wechatpay` in a temporary directory unless --gateway points at a
+running one (paying shoppers then pay through the local WeChat Pay: prepay, wx.requestPayment,
+the signed notification; `--payments hmac` keeps the generic signed callback instead),
 defines a sale starting once the whole crowd has arrived, mints every user's token ahead of
 time, runs locust headless (CSV and HTML report in --out), waits for the order writer to
 persist what was accepted, asks the gateway for the activity report, prints the figures, and
@@ -73,7 +75,7 @@ RISK_OFF = "".join(
 )
 
 
-def _start_gateway(work: Path, risk: str) -> tuple[subprocess.Popen[str], str]:
+def _start_gateway(work: Path, risk: str, wechatpay: bool) -> tuple[subprocess.Popen[str], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
     if risk == "off":
         (work / "risk-off.toml").write_text(RISK_OFF)
@@ -88,6 +90,7 @@ def _start_gateway(work: Path, risk: str) -> tuple[subprocess.Popen[str], str]:
             "up",
             "--port",
             str(free_port()),
+            *(["--fake-wechatpay"] if wechatpay else []),
         ],
         cwd=work,
         env=env,
@@ -122,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--drain-timeout", type=float, default=120)
     parser.add_argument(
+        "--payments",
+        choices=["wechatpay", "hmac"],
+        help="how paying shoppers pay (default: wechatpay through the local WeChat Pay when this "
+        "starts the gateway, hmac callbacks with --gateway)",
+    )
+    parser.add_argument(
         "--risk",
         choices=["on", "off"],
         default="on",
@@ -142,8 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="seckill-loadtest-"))
     gateway_process = None
     url = args.gateway
+    payments = args.payments or ("hmac" if url else "wechatpay")
+    wechatpay_url = ""
     if url is None:
-        gateway_process, url = _start_gateway(work, args.risk)
+        gateway_process, url = _start_gateway(work, args.risk, payments == "wechatpay")
+        if payments == "wechatpay":
+            wechatpay_url = _fake_wechatpay_url(work)
+    elif payments == "wechatpay":
+        # a running `seckill up --fake-wechatpay`: the URL of its local WeChat Pay
+        wechatpay_url = os.environ.get("SECKILL_LT_WECHATPAY_URL", "")
+        if not wechatpay_url:
+            raise SystemExit("--payments wechatpay with --gateway needs SECKILL_LT_WECHATPAY_URL")
     try:
         admin = settings.admin.token
         activity_id = f"lt-{int(time.time())}"
@@ -176,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         ttl = int(lead_s + args.duration + 3600)
         with tokens.open("w") as handle:  # minted ahead: no signing during the run
             for n in range(args.users):
-                handle.write(f"lt{n}\t{auth.mint(f'lt{n}', ttl)}\n")
+                # the openid claim: WeChat Pay's payer (a real one comes from wx.login)
+                token = auth.mint(f"lt{n}", ttl, openid=f"o-lt{n}")
+                handle.write(f"lt{n}\t{token}\n")
         env = {
             **os.environ,
             "SECKILL_LT_ACTIVITY": activity_id,
@@ -191,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             "SECKILL_LT_DURATION_S": str(args.duration),
             "SECKILL_LT_OPS": "1" if args.ops else "0",
             "SECKILL_LT_WORKERS": str(max(args.workers, 1)),
+            "SECKILL_LT_WECHATPAY_URL": wechatpay_url,
             "SECKILL_LT_REGISTER": "1" if args.register else "0",
         }
         # for workers on other machines: `set -a; . loadtest/out/env; set +a`
@@ -283,6 +304,21 @@ def main(argv: list[str] | None = None) -> int:
         if gateway_process is not None:
             gateway_process.terminate()
             gateway_process.wait(60)
+
+
+def _fake_wechatpay_url(work: Path) -> str:
+    """The local WeChat Pay's URL, from the merchant settings `up --fake-wechatpay` wrote."""
+    env_file = work / "var" / "wechatpay" / "wechatpay.env"
+    deadline = time.monotonic() + 10
+    while not env_file.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"seckill up --fake-wechatpay wrote no {env_file}")
+        time.sleep(0.05)
+    for line in env_file.read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name == "SECKILL_WECHATPAY_BASE_URL":
+            return value
+    raise SystemExit(f"no SECKILL_WECHATPAY_BASE_URL in {env_file}")
 
 
 def _drained_report(url: str, admin: str, activity_id: str, args: Any) -> dict[str, Any]:

@@ -14,6 +14,9 @@
 -- KEYS[8] legacy     string  the answer stored for this event id before events were bound to
 --                            their order (read only: a provider retrying an old event still
 --                            gets its answer and causes no second effect)
+-- KEYS[9] refunds    hash    order id -> JSON refund record (optional: a provider with a
+--                            refunds API; see refund_update.lua)
+-- KEYS[10] refunds due zset  order id -> when the refunder should next try (ms)
 -- ARGV[1] order id
 -- ARGV[2] event id
 -- ARGV[3] amount in cents
@@ -24,12 +27,17 @@
 -- ARGV[8] quantity of the order as the store holds it once the order has left Redis (it then
 --         ended: paid, cancelled or expired), or 0 when the caller has not looked
 -- ARGV[9] the unit price the store holds for that order (optional; "" or -1: the activity's)
+-- ARGV[10] when the provider says the money was taken (ms), for a provider whose answers are
+--         signed (WeChat Pay's success_time); "" or absent: now. A payer who paid before the
+--         deadline keeps the order even when the news arrives after it, as long as the order
+--         is still reserved (the sweeper holds a prepaid order until the provider answered).
 --
 -- Returns {result} with result in paid, refund_required, ignored (each stored for the event
 -- id, so a replay answers the same and does nothing), or conflict (the event id is bound to
 -- another order or payload), not_found (no such activity or order), gone (the order is not in
 -- Redis: ask the store and call again with ARGV[8]), amount_mismatch (nothing stored, nothing
--- changed).
+-- changed). A refund_required of a provider other than "seckill" also queues the refund
+-- (KEYS[9], KEYS[10]) once per order: WeChat Pay takes money for one trade number at most once.
 
 local stored = redis.call('GET', KEYS[6])
 if stored then
@@ -72,10 +80,22 @@ end
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local attested = tonumber(ARGV[10] or '')
+if attested and attested <= 0 then
+  attested = nil
+end
+local in_time = false
+if order then
+  if attested then
+    in_time = attested <= tonumber(order['expires_at'])
+  else
+    in_time = now_ms < tonumber(order['expires_at'])
+  end
+end
 local result
 if ARGV[4] ~= 'SUCCESS' then
   result = 'ignored'
-elseif order and order['status'] == 'reserved' and now_ms < tonumber(order['expires_at']) then
+elseif order and order['status'] == 'reserved' and in_time then
   result = 'paid'
 else
   -- expired, cancelled, past its deadline, already paid under another event id, or gone
@@ -85,7 +105,7 @@ end
 
 if result == 'paid' then
   order['status'] = 'paid'
-  order['paid_at'] = now_ms
+  order['paid_at'] = attested or now_ms
   redis.call('HSET', KEYS[2], ARGV[1], cmsgpack.pack(order))
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('ZADD', KEYS[7], now_ms, ARGV[1])
@@ -99,5 +119,17 @@ redis.call('XADD', KEYS[4], '*', 'c', cmsgpack.pack({
   kind = 'payment', event_id = ARGV[2], order_id = ARGV[1], amount_cents = amount,
   result = result, at = now_ms, provider = ARGV[7],
 }))
+if result == 'refund_required' and ARGV[7] ~= 'seckill' and KEYS[10] then
+  local refund = {
+    order_id = ARGV[1], provider = ARGV[7], transaction_id = ARGV[2], amount_cents = amount,
+    status = 'pending', attempts = 0, out_refund_no = '', refund_id = '', reason = '',
+    created_at = now_ms, updated_at = now_ms, version = 1,
+  }
+  if redis.call('HSETNX', KEYS[9], ARGV[1], cjson.encode(refund)) == 1 then
+    redis.call('ZADD', KEYS[10], now_ms, ARGV[1])
+    refund['kind'] = 'refund'
+    redis.call('XADD', KEYS[4], '*', 'c', cmsgpack.pack(refund))
+  end
+end
 redis.call('SET', KEYS[6], cmsgpack.pack({ARGV[1], ARGV[6], result}), 'EX', tonumber(ARGV[5]))
 return {result}

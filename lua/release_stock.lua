@@ -11,12 +11,17 @@
 -- KEYS[7] retiring   zset    order id -> time (ms) it ended; the Retirer drops the record from
 --                            Redis once the store holds it in that state (bounded memory)
 -- KEYS[8] skus       hash    SKU id -> quantity on sale (optional; absent before SKUs)
+-- KEYS[9] prepays    hash    order id -> the payment order placed with a provider (optional)
 -- ARGV[1] order id
 -- ARGV[2] cause: "cancelled" (owner's request) or "expired" (sweeper)
 -- ARGV[3] user id that must own the order ("" for the sweeper)
+-- ARGV[4] "settled" when the payment provider said nobody paid and nobody can any more (its
+--         order closed); otherwise an expiry of an order with a prepay is refused (prepaid):
+--         the provider decides first (seckill/payments/deadline.py)
 --
 -- Returns {"released", stock_left, quantity} or {code} with code in not_found,
--- not_cancellable (not reserved any more), not_due (an expiry before its deadline).
+-- not_cancellable (not reserved any more), not_due (an expiry before its deadline), prepaid
+-- (an expiry the payment provider must settle first).
 -- Every check runs before the first write.
 
 local blob = redis.call('HGET', KEYS[3], ARGV[1])
@@ -34,6 +39,11 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[2] == 'expired' and now_ms < tonumber(order['expires_at']) then
   return {'not_due'}
+end
+local settled = ARGV[4] == 'settled'
+if ARGV[2] == 'expired' and KEYS[9] and not settled
+    and redis.call('HEXISTS', KEYS[9], ARGV[1]) == 1 then
+  return {'prepaid'}
 end
 
 local quantity = tonumber(order['quantity'])
@@ -56,4 +66,7 @@ end
 redis.call('XADD', KEYS[5], '*', 'c', cmsgpack.pack({
   kind = 'transition', order = order, from = 'reserved', to = ARGV[2], at = now_ms,
 }))
+if settled and KEYS[9] then
+  redis.call('HDEL', KEYS[9], ARGV[1])
+end
 return {'released', left, quantity}

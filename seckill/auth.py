@@ -40,8 +40,8 @@ class UserAuth:
         self._secret = secret
         self._leeway_s = leeway_s
         self._max_lifetime_s = max_lifetime_s
-        # token -> (sub, exp, tier); the tier claim is "" when absent
-        self._verified: dict[str, tuple[str, float, str]] = {}
+        # token -> (sub, exp, tier, openid); the tier and openid claims are "" when absent
+        self._verified: dict[str, tuple[str, float, str, str]] = {}
 
     def user_id(self, authorization: str | None) -> str:
         """The token's ``sub``; Unauthorized when missing, malformed, expired or forged."""
@@ -49,6 +49,15 @@ class UserAuth:
 
     def user(self, authorization: str | None) -> tuple[str, str]:
         """(``sub``, member ``tier`` or ""); Unauthorized as for user_id."""
+        subject, _exp, tier, _openid = self._claims(authorization)
+        return subject, tier
+
+    def payer(self, authorization: str | None) -> tuple[str, str]:
+        """(``sub``, WeChat ``openid`` or "" when the token has none); Unauthorized as above."""
+        subject, _exp, _tier, openid = self._claims(authorization)
+        return subject, openid
+
+    def _claims(self, authorization: str | None) -> tuple[str, float, str, str]:
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized("a Bearer token is required")
         token = authorization[7:].strip()
@@ -56,7 +65,7 @@ class UserAuth:
         if hit is not None:
             # kept until exp only: past it the token is checked again (with the leeway)
             if hit[1] > time.time():
-                return hit[0], hit[2]
+                return hit
             del self._verified[token]
         if len(token) > _TOKEN_MAX or not token.isascii():
             raise Unauthorized("invalid or expired token")
@@ -76,11 +85,16 @@ class UserAuth:
         tier = claims.get("tier", "")
         if not isinstance(tier, str) or len(tier) > 32:
             raise Unauthorized("token tier must be a string of at most 32 characters")
+        openid = claims.get("openid", "")
+        # WeChat's openid: 28 characters today; a bound keeps a forged claim from costing much
+        if not isinstance(openid, str) or len(openid) > 128:
+            raise Unauthorized("token openid must be a string of at most 128 characters")
         exp = self._lifetime_checked(claims)
         if len(self._verified) >= _CACHE_MAX:
             self._verified.clear()
-        self._verified[token] = (subject, exp, tier)
-        return subject, tier
+        verified = (subject, exp, tier, openid)
+        self._verified[token] = verified
+        return verified
 
     def _lifetime_checked(self, claims: dict[str, object]) -> float:
         """exp, when exp/iat/nbf are numbers and the lifetime is within the maximum."""
@@ -101,8 +115,9 @@ class UserAuth:
             raise Unauthorized("token lifetime over the accepted maximum")
         return exp
 
-    def mint(self, user_id: str, ttl_s: int, tier: str = "") -> str:
-        """A signed token for ``user_id`` (member ``tier`` if given) valid for ``ttl_s`` s."""
+    def mint(self, user_id: str, ttl_s: int, tier: str = "", openid: str = "") -> str:
+        """A signed token for ``user_id`` (member ``tier``, WeChat ``openid`` if given) valid
+        for ``ttl_s`` s."""
         if not 1 <= len(user_id) <= 64:
             raise ValueError("user id must be 1-64 characters")
         if len(tier) > 32:
@@ -111,6 +126,8 @@ class UserAuth:
         claims: dict[str, str | int] = {"sub": user_id, "iat": now, "exp": now + ttl_s}
         if tier:
             claims["tier"] = tier
+        if openid:
+            claims["openid"] = openid
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
 

@@ -97,6 +97,19 @@ def _evicting_redis(settings: Settings) -> bool:
     return False
 
 
+def _wechatpay_checked() -> bool:
+    """SECKILL_WECHATPAY_* read and checked now (SettingsError: one line, exit 2); True if set.
+
+    Each problem is one line naming the variable; no secret is ever printed.
+    """
+    from seckill.payments.wechatpay import WechatPayConfig
+
+    config = WechatPayConfig.from_env()
+    if config is not None:
+        log.info("%s", config.describe())
+    return config is not None
+
+
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     """Everything on one machine: embedded Redis (unless SECKILL_REDIS_URL), gateway, writer,
     expiry sweeper; orders go to SQLite under var/ unless SECKILL_DATABASE_URL."""
@@ -111,6 +124,16 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     server.raise_open_files_limit()
     settings = _dev_data_keys(settings)
+    fake_wechatpay = bool(getattr(args, "fake_wechatpay", False))
+    if fake_wechatpay:
+        if not _loopback(settings.server.host):
+            print(
+                "seckill: --fake-wechatpay is for one machine: use a loopback --host",
+                file=sys.stderr,
+            )
+            return 2
+    else:
+        _wechatpay_checked()
     embedded: EmbeddedRedis | None = None
     if not settings.redis.url:
         embedded = EmbeddedRedis(
@@ -133,7 +156,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         if problem:
             print(f"seckill: {problem}", file=sys.stderr)
             return 2
-        return server.serve(settings, 1, _announce, with_orders=True)
+        return server.serve(settings, 1, _announce, with_orders=True, fake_wechatpay=fake_wechatpay)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -159,6 +182,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     if _evicting_redis(settings):
         return 1
+    _wechatpay_checked()
     server.raise_open_files_limit()
     problem = _data_key_problem(settings)
     if problem:
@@ -224,17 +248,27 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
     if problem:
         print(f"seckill: {problem}", file=sys.stderr)
         return 2
+    _wechatpay_checked()
 
     async def run() -> None:
-        async with _connected(settings) as (client, store):
-            await serve_orders(client, store)
+        from seckill.payments.wechatpay import WechatPay, WechatPayConfig
 
-    async def serve_orders(client: Redis, store: OrderStore) -> None:
-        service = OrderService(settings, client, store)
+        config = WechatPayConfig.from_env()
+        provider = WechatPay(config) if config is not None else None
+        try:
+            async with _connected(settings) as (client, store):
+                await serve_orders(client, store, provider)
+        finally:
+            if provider is not None:
+                await provider.aclose()
+
+    async def serve_orders(client: Redis, store: OrderStore, provider: Any) -> None:
+        service = OrderService(settings, client, store, provider)
         if settings.writer.metrics_port:
             metrics = Metrics()
             metrics.add_writer(service.writer, service.sweeper)
             metrics.add_loops(service.supervisors)
+            metrics.add_payments(service)
             start_http_server(settings.writer.metrics_port, registry=metrics.registry)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -332,7 +366,11 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        print(UserAuth(settings.jwt.secret).mint(args.user_id, ttl, args.tier or ""))
+        print(
+            UserAuth(settings.jwt.secret).mint(
+                args.user_id, ttl, args.tier or "", args.openid or ""
+            )
+        )
     except ValueError as exc:
         print(f"seckill: {exc}", file=sys.stderr)
         return 2
@@ -444,6 +482,66 @@ def cmd_deadletters(settings: Settings, args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_refunds(settings: Settings, args: argparse.Namespace) -> int:
+    """`refunds list [ACTIVITY_ID]` as JSON lines; `refunds retry ACTIVITY_ID [--order ID]`
+    puts refunds that need a person (or wait for a later try) back on the refunder's queue now;
+    the running writer's refunder asks again with the same refund number (never a second
+    refund)."""
+    import asyncio
+    import json
+
+    from seckill import keys
+    from seckill.errors import RedisUnavailable
+    from seckill.payments.ledger import Ledger
+    from seckill.scripts import CONNECTION_ERRORS, Scripts
+    from seckill.web.app import redis_client
+
+    resolved = _redis_settings(settings)
+    if resolved is None:
+        return 2
+    settings = resolved
+    if args.activity_id is not None and not keys.ID_PATTERN.fullmatch(args.activity_id):
+        print(f"seckill: not an activity id: {args.activity_id!r}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        client = redis_client(settings)
+        ledger = Ledger(client, Scripts.from_dir())
+        try:
+            if args.action == "list":
+                activities = [args.activity_id]
+                if args.activity_id is None:
+                    members: Any = await client.smembers(keys.ACTIVITIES)
+                    activities = sorted(m.decode() for m in members)
+                for activity_id in activities:
+                    for record in await ledger.refunds(activity_id):
+                        print(json.dumps(record.public(), sort_keys=True, ensure_ascii=False))
+                return 0
+            now_ms = int(1000 * (await client.time())[0])
+            retried = 0
+            for record in await ledger.refunds(args.activity_id):
+                if args.order and record.order_id != args.order:
+                    continue
+                if record.status == "refunded":
+                    continue
+                # attention goes back to pending (asked again: same refund number); pending
+                # and processing are simply tried now
+                status = "pending" if record.status == "attention" else record.status
+                after = record.moved(status=status, reason="retried by ops")
+                if await ledger.move_refund(record, after, now_ms):
+                    retried += 1
+            print(json.dumps({"activity_id": args.activity_id, "retried": retried}))
+            return 0
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(run())
+    except (*CONNECTION_ERRORS, RedisUnavailable) as exc:  # type: ignore[misc]
+        print(f"seckill: Redis unreachable: {exc}", file=sys.stderr)
+        return 1
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="seckill", description="Flash-sale gateway.")
     root.add_argument("--version", action="version", version=f"seckill {__version__}")
@@ -453,6 +551,11 @@ def parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="gateway + embedded Redis on one machine")
     up.add_argument("--host")
     up.add_argument("--port", type=int)
+    up.add_argument(
+        "--fake-wechatpay",
+        action="store_true",
+        help="run a local WeChat Pay beside the gateway, wired to it (development)",
+    )
     up.set_defaults(run=cmd_up)
 
     serve = commands.add_parser("serve", help="the gateway only (stateless; run many)")
@@ -487,10 +590,22 @@ def parser() -> argparse.ArgumentParser:
     dead_replay.add_argument("activity_id")
     dead.set_defaults(run=cmd_deadletters)
 
+    refunds = commands.add_parser("refunds", help="refunds of payments that came too late")
+    refund_actions = refunds.add_subparsers(dest="action", required=True, metavar="ACTION")
+    refund_list = refund_actions.add_parser("list", help="one JSON line per refund")
+    refund_list.add_argument("activity_id", nargs="?", help="one activity (default: all)")
+    refund_retry = refund_actions.add_parser(
+        "retry", help="ask again for refunds that need a person (or wait for their next try)"
+    )
+    refund_retry.add_argument("activity_id")
+    refund_retry.add_argument("--order", help="only this order's refund")
+    refunds.set_defaults(run=cmd_refunds)
+
     token = commands.add_parser("token", help="print a user JWT for testing")
     token.add_argument("user_id")
     token.add_argument("--ttl", type=int, help="seconds (default: jwt.default_ttl_s)")
     token.add_argument("--tier", help="member tier claim (an activity's tiers give its terms)")
+    token.add_argument("--openid", help="WeChat openid claim (the payer of WeChat Pay)")
     token.set_defaults(run=cmd_token)
 
     data_keys = commands.add_parser("keys", help="data keys of personal data on orders")

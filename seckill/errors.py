@@ -66,6 +66,10 @@ class NotCancellable(Conflict):
     code, default_message = "not_cancellable", "only a reserved order can be cancelled"
 
 
+class NotPayable(Conflict):
+    code, default_message = "not_payable", "only a reserved order within its deadline can be paid"
+
+
 class IdempotencyConflict(Conflict):
     code, default_message = "idempotency_conflict", "a request with this key is in progress"
 
@@ -103,6 +107,10 @@ class Paused(Unavailable):
 
 class Overloaded(Unavailable):
     code, default_message = "overloaded", "service overloaded, retry later"
+
+
+class PaymentUnavailable(Unavailable):
+    code, default_message = "payment_unavailable", "the payment service cannot be reached, retry"
 
 
 class RedisUnavailable(Overloaded):

@@ -153,6 +153,7 @@ def release_keys(activity_id: str) -> list[str]:
         counters(activity_id),
         retiring(activity_id),
         sku_stock(activity_id),
+        prepays(activity_id),
     ]
 
 
@@ -167,7 +168,43 @@ def payment_keys(activity_id: str, event_id: str, provider: str = "seckill") -> 
         payment_event_of(activity_id, provider, event_id),
         retiring(activity_id),
         payment_event(activity_id, event_id),
+        refunds(activity_id),
+        refunds_due(activity_id),
     ]
+
+
+def prepays(activity_id: str) -> str:
+    """Hash order id -> JSON of the payment order placed with the provider (record_prepay.lua)."""
+    return f"{_tag(activity_id)}:prepays"
+
+
+def refunds(activity_id: str) -> str:
+    """Hash order id -> JSON refund record of a refund_required payment (refund_update.lua)."""
+    return f"{_tag(activity_id)}:refunds"
+
+
+def refunds_due(activity_id: str) -> str:
+    """Sorted set order id -> when (ms) the refunder should next try that refund."""
+    return f"{_tag(activity_id)}:refunds:due"
+
+
+def prepay_keys(activity_id: str) -> list[str]:
+    """KEYS of record_prepay.lua, in its order."""
+    return [orders(activity_id), prepays(activity_id)]
+
+
+def refund_keys(activity_id: str) -> list[str]:
+    """KEYS of refund_update.lua, in its order."""
+    return [refunds(activity_id), refunds_due(activity_id), changes(activity_id)]
+
+
+def refund_number(out_refund_no: str) -> str:
+    """String: the order id a provider's refund number stands for (refund notices name only
+    the refund; no hash tag, since the activity is what is looked up)."""
+    return f"{PREFIX}:refundno:{out_refund_no}"
+
+
+SUSPICIOUS_PAYMENTS: Final = f"{PREFIX}:payments:suspicious"  # stream, capped: for a person
 
 
 def activity_keys(activity_id: str) -> list[str]:

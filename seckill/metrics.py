@@ -211,6 +211,71 @@ class Metrics:
             lambda: {(s.name,): float(s.restarts) for s in loops},
         )
 
+    def add_payments(self, service: Any) -> None:
+        """Export the payment loops of an order service (zeros while WeChat Pay is off)."""
+
+        def held() -> dict[tuple[str, ...], float]:
+            settler = service.settler
+            return {(): float(settler.held() if settler is not None else 0)}
+
+        def over() -> dict[tuple[str, ...], float]:
+            settler = service.settler
+            return {(): float(settler.over_ceiling() if settler is not None else 0)}
+
+        self.readings.add(
+            "seckill_payment_held_orders",
+            "Due prepaid orders whose stock stays held until the payment provider answers",
+            "gauge",
+            [],
+            held,
+        )
+        self.readings.add(
+            "seckill_payment_held_over_ceiling",
+            "Of those, held longer than [payment] hold_ceiling_s after their deadline (ops: look)",
+            "gauge",
+            [],
+            over,
+        )
+
+        def refunds() -> dict[tuple[str, ...], float]:
+            refunder = service.refunder
+            if refunder is None:
+                return {}
+            stats = refunder.stats
+            return {
+                ("requested",): float(stats.requested),
+                ("refunded",): float(stats.refunded),
+                ("retry",): float(stats.retries),
+                ("attention",): float(stats.attention),
+            }
+
+        self.readings.add(
+            "seckill_refunds_total",
+            "Refund calls by outcome (attention: the provider will not finish it alone)",
+            "counter",
+            ["outcome"],
+            refunds,
+        )
+
+        def reconciled() -> dict[tuple[str, ...], float]:
+            reconciler = service.reconciler
+            if reconciler is None:
+                return {}
+            stats = reconciler.stats
+            return {
+                ("query",): float(stats.queries),
+                ("confirmed",): float(stats.confirmed),
+                ("closed",): float(stats.closed),
+            }
+
+        self.readings.add(
+            "seckill_payment_reconciled_total",
+            "Reconciler calls to the provider and what they found (confirmed: a lost payment)",
+            "counter",
+            ["outcome"],
+            reconciled,
+        )
+
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -276,9 +277,33 @@ async def build(
     if not stable and fallback is not None:
         (snap, reading), stable = fallback, True
     writer_alive, sweeper_alive = await _alive(client)
-    return _compare(
+    body = _compare(
         activity_id, activity, snap, reading, stable, changes_stable, writer_alive, sweeper_alive
     )
+    refunds = await _refunds(client, activity_id)
+    if refunds is not None:
+        body["refunds"] = refunds
+    return body
+
+
+async def _refunds(client: Redis, activity_id: str) -> dict[str, int] | None:
+    """Refunds of refund_required payments by state, and the money they carry (few: late
+    payments); None while the activity has none. Money still owed (pending, processing,
+    attention) is owed, not inconsistent."""
+    values: Any = await client.hvals(keys.refunds(activity_id))
+    if not values:
+        return None
+    counts = dict.fromkeys(("pending", "processing", "refunded", "attention"), 0)
+    owed = refunded = 0
+    for value in values:
+        record = json.loads(value)
+        status = str(record.get("status", ""))
+        counts[status] = counts.get(status, 0) + 1
+        if status == "refunded":
+            refunded += int(record.get("amount_cents", 0))
+        else:
+            owed += int(record.get("amount_cents", 0))
+    return {**counts, "owed_cents": owed, "refunded_cents": refunded}
 
 
 def _compare(

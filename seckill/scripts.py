@@ -71,6 +71,8 @@ class Scripts:
     retire_orders: Script
     unbind_payment_event: Script
     report_snapshot: Script
+    record_prepay: Script
+    refund_update: Script
     risk_velocity: Script
     risk_deny: Script
 

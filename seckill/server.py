@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 from aiohttp import web
@@ -32,6 +32,9 @@ from seckill.orders.service import OrderService
 from seckill.settings import ServerSettings, Settings
 from seckill.web.app import create_app, create_ops_app
 from seckill.web.state import SERVICES, Services
+
+if TYPE_CHECKING:
+    from seckill.payments.fake_wechatpay import FakeWechatPayServer
 
 log = logging.getLogger(__name__)
 
@@ -280,10 +283,12 @@ async def serve_until_signal(
     on_ready: Callable[[str], None] | None = None,
     until: Awaitable[object] | None = None,
     with_orders: bool = False,
+    fake_wechatpay: bool = False,
 ) -> None:
     """Serve until SIGINT/SIGTERM (or ``until``): stop accepting, finish in-flight, return.
 
-    ``with_orders`` also runs the order writer and expiry sweeper in this process (`up`).
+    ``with_orders`` also runs the order writer and expiry sweeper in this process (`up`);
+    ``fake_wechatpay`` runs a local WeChat Pay beside it, wired to it (`up --fake-wechatpay`).
     """
     app = create_app(settings)
     orders: OrderService | None = None
@@ -309,21 +314,23 @@ async def serve_until_signal(
     )
     await site.start()
     ops_runner = await _start_ops(app, settings, reuse_port)
-    if with_orders:
-        services = app[SERVICES]
-        orders = OrderService(settings, services.redis, services.store)
-        services.metrics.add_writer(orders.writer, orders.sweeper)
-        services.metrics.add_loops(orders.supervisors)
-        services.loops = orders.alive
-        services.breakers.append(orders.writer.breaker)
-        orders_task = asyncio.create_task(
-            orders.run(stop_orders, final_drain_s=settings.server.shutdown_timeout_s)
-        )
     port = settings.server.port
     server = getattr(site, "_server", None)
     if server is not None and server.sockets:
         port = server.sockets[0].getsockname()[1]
     url = f"http://{settings.server.host}:{port}"
+    fake = await _wire_wechatpay(app[SERVICES], settings, url, fake_wechatpay)
+    if with_orders:
+        services = app[SERVICES]
+        orders = OrderService(settings, services.redis, services.store, services.wechatpay)
+        services.metrics.add_writer(orders.writer, orders.sweeper)
+        services.metrics.add_loops(orders.supervisors)
+        services.metrics.add_payments(orders)
+        services.loops = orders.alive
+        services.breakers.append(orders.writer.breaker)
+        orders_task = asyncio.create_task(
+            orders.run(stop_orders, final_drain_s=settings.server.shutdown_timeout_s)
+        )
     if on_ready is not None:
         on_ready(url)
 
@@ -348,8 +355,41 @@ async def serve_until_signal(
         if ops_runner is not None:
             await ops_runner.cleanup()
         await runner.cleanup()
+        if fake is not None:
+            await fake.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _wire_wechatpay(
+    services: Services, settings: Settings, url: str, fake_wechatpay: bool
+) -> FakeWechatPayServer | None:
+    """WeChat Pay from SECKILL_WECHATPAY_* (checked by the CLI already), or a local one.
+
+    The local one (`up --fake-wechatpay`) gets fresh keys; the merchant settings that match it
+    are written under var_dir/wechatpay (wechatpay.env), so tools beside `up` can use them.
+    """
+    from seckill.payments.fake_wechatpay import FakeWechatPayServer, development_setup
+    from seckill.payments.wechatpay import WechatPay, WechatPayConfig
+
+    fake: FakeWechatPayServer | None = None
+    if fake_wechatpay:
+        setup = development_setup()
+        fake = FakeWechatPayServer(setup.fake)
+        base_url = await fake.start()
+        directory = Path(settings.server.var_dir) / "wechatpay"
+        environment = setup.environment(directory, base_url, f"{url}/api/v1/payments/wechat/notify")
+        (directory / "wechatpay.env").write_text(
+            "".join(f"{name}={value}\n" for name, value in environment.items())
+        )
+        config = WechatPayConfig.from_env(environment)
+        log.warning("local WeChat Pay (development) on %s, wired to this gateway", base_url)
+    else:
+        config = WechatPayConfig.from_env()
+    if config is not None:
+        log.info("%s", config.describe())
+        services.wechatpay = WechatPay(config)
+    return fake
 
 
 async def _start_ops(
@@ -434,11 +474,22 @@ def _worker(settings: Settings) -> None:
 
 
 def serve(
-    settings: Settings, workers: int, on_ready: Callable[[str], None], with_orders: bool = False
+    settings: Settings,
+    workers: int,
+    on_ready: Callable[[str], None],
+    with_orders: bool = False,
+    fake_wechatpay: bool = False,
 ) -> int:
     """Run ``workers`` gateway processes on one port; returns the exit code."""
     if workers == 1:
-        uvloop.run(serve_until_signal(settings, on_ready=on_ready, with_orders=with_orders))
+        uvloop.run(
+            serve_until_signal(
+                settings,
+                on_ready=on_ready,
+                with_orders=with_orders,
+                fake_wechatpay=fake_wechatpay,
+            )
+        )
         return 0
     if settings.server.port == 0:
         print("seckill: --workers > 1 needs a fixed --port", file=sys.stderr)

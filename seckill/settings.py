@@ -84,6 +84,16 @@ class AdminSettings:
 class PaymentSettings:
     secret: str
     tolerance_s: int
+    # a provider with an API (WeChat Pay): its own settings come from SECKILL_WECHATPAY_*
+    # (seckill/payments/wechatpay.py); these pace the loops that talk to it
+    deadline_backoff_s: float
+    deadline_backoff_max_s: float
+    hold_ceiling_s: float
+    reconcile_interval_s: float
+    reconcile_quiet_s: float
+    refund_interval_s: float
+    refund_backoff_max_s: float
+    refund_follow_up_s: float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -296,6 +306,17 @@ def _check(settings: Settings) -> None:
     need(len(s.admin.token) >= 16, "admin.token", "must be at least 16 characters")
     need(len(s.payment.secret) >= 16, "payment.secret", "must be at least 16 characters")
     need(s.payment.tolerance_s > 0, "payment.tolerance_s", "must be > 0")
+    for key in (
+        "deadline_backoff_s",
+        "deadline_backoff_max_s",
+        "hold_ceiling_s",
+        "reconcile_interval_s",
+        "reconcile_quiet_s",
+        "refund_interval_s",
+        "refund_backoff_max_s",
+        "refund_follow_up_s",
+    ):
+        need(getattr(s.payment, key) > 0, f"payment.{key}", "must be > 0")
     need(
         s.purchase.idempotency_ttl_s >= 86_400,
         "purchase.idempotency_ttl_s",

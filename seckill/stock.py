@@ -83,6 +83,7 @@ class Release(enum.Enum):
     NOT_FOUND = "not_found"
     NOT_CANCELLABLE = "not_cancellable"
     NOT_DUE = "not_due"
+    PREPAID = "prepaid"  # an expiry the payment provider must settle first (prepay placed)
 
 
 class Payment(enum.Enum):
@@ -253,14 +254,22 @@ class Stock:
             return Reservation(outcome, risk_hits=hits)
         raise RuntimeError("order id collided three times")  # pragma: no cover
 
-    async def release(self, order_id: str, cause: str, owner: str = "") -> Release:
-        """Cancel (owner given) or expire (owner "") a reserved order; stock goes back once."""
+    async def release(
+        self, order_id: str, cause: str, owner: str = "", *, settled: bool = False
+    ) -> Release:
+        """Cancel (owner given) or expire (owner "") a reserved order; stock goes back once.
+
+        An expiry of an order with a prepay answers PREPAID unless ``settled`` (the payment
+        provider said nobody paid and nobody can any more).
+        """
         activity_id = keys.activity_of_order(order_id)
         if activity_id is None:
             return Release.NOT_FOUND
         with _refused_when_full():
             reply = await self._scripts.release_stock(
-                self._client, keys.release_keys(activity_id), [order_id, cause, owner]
+                self._client,
+                keys.release_keys(activity_id),
+                [order_id, cause, owner, "settled" if settled else ""],
             )
         outcome = _RELEASES[reply[0]]
         if outcome is Release.RELEASED:
@@ -281,8 +290,12 @@ class Stock:
         payload_hash: str = "",
         provider: str = "seckill",
         retired: RetiredLookup | None = None,
+        paid_at_ms: int = 0,
     ) -> Payment:
         """Apply one payment callback, exactly once per (provider, event id).
+
+        ``paid_at_ms``: when a provider whose answers are signed says the money was taken; the
+        deadline is then judged by it, not by the arrival (0: by the arrival).
 
         The event id is first bound to (order, payload) under an untagged key, so the same id
         on another activity's order is seen even on Redis Cluster; the script then applies the
@@ -303,6 +316,7 @@ class Stock:
                 payload_hash,
                 provider,
                 retired,
+                paid_at_ms,
             )
 
     async def _pay(
@@ -315,6 +329,7 @@ class Stock:
         payload_hash: str,
         provider: str,
         retired: RetiredLookup | None,
+        paid_at_ms: int = 0,
     ) -> Payment:
         binding_key = keys.payment_binding(provider, event_id)
         binding = f"{order_id} {payload_hash}"
@@ -330,6 +345,7 @@ class Stock:
             provider,
             0,  # the quantity, once the order has left Redis
             "",  # and its unit price
+            paid_at_ms or "",
         ]
         script_keys = keys.payment_keys(activity_id, event_id, provider)
         reply = await self._scripts.confirm_payment(self._client, script_keys, args)
@@ -339,7 +355,7 @@ class Stock:
             if record is None or record.status not in TERMINAL:
                 outcome = Payment.NOT_FOUND
             else:
-                args[-2:] = [record.quantity, record.price_cents]
+                args[7:9] = [record.quantity, record.price_cents]
                 reply = await self._scripts.confirm_payment(self._client, script_keys, args)
                 outcome = _PAYMENTS[reply[0]]
         if outcome in (Payment.NOT_FOUND, Payment.AMOUNT_MISMATCH, Payment.GONE):
@@ -363,11 +379,11 @@ class Stock:
             raise RedisUnavailable() from exc
         return False  # pragma: no cover - three expiries in a row
 
-    async def due(self, activity_id: str, now_ms: int, limit: int) -> list[str]:
-        """Reserved orders of the activity whose payment deadline has passed."""
+    async def due(self, activity_id: str, now_ms: int, limit: int, skip: int = 0) -> list[str]:
+        """Reserved orders of the activity whose payment deadline has passed (after ``skip``)."""
         try:
             members: Any = await self._client.zrangebyscore(
-                keys.deadlines(activity_id), "-inf", now_ms, start=0, num=limit
+                keys.deadlines(activity_id), "-inf", now_ms, start=skip, num=limit
             )
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc

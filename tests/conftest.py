@@ -146,7 +146,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         import asyncpg
 
         connection = await asyncpg.connect(url)
-        await connection.execute("TRUNCATE orders, order_events, payment_events")
+        await connection.execute("TRUNCATE orders, order_events, payment_events, refunds")
         await connection.close()
     opened.url = url  # type: ignore[attr-defined]
     yield opened

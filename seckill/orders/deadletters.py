@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from seckill import keys, resources
 from seckill.orders.entries import PoisonEntry, activity_of, decode, text
 from seckill.orders.record import OrderRecord
-from seckill.orders.store import PaymentEvent, Transition
+from seckill.orders.store import PaymentEvent, RefundEvent, Transition
 from seckill.orders.streams import GROUP
 from seckill.scripts import Script
 
@@ -87,6 +87,13 @@ def _summary(stream: str, fields: dict[bytes, bytes]) -> dict[str, Any] | None:
             "order_id": item.order.order_id,
             "from": item.from_state,
             "to": item.to_state,
+        }
+    if isinstance(item, RefundEvent):
+        return {
+            "kind": "refund",
+            "order_id": item.order_id,
+            "status": item.status,
+            "version": item.version,
         }
     assert isinstance(item, PaymentEvent)
     return {

@@ -8,9 +8,9 @@ from typing import Any
 import msgpack
 
 from seckill.orders.record import OrderRecord
-from seckill.orders.store import Batch, PaymentEvent, Transition
+from seckill.orders.store import Batch, PaymentEvent, RefundEvent, Transition
 
-Item = OrderRecord | Transition | PaymentEvent
+Item = OrderRecord | Transition | PaymentEvent | RefundEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +68,23 @@ def decode(stream: str, fields: dict[bytes, bytes] | None) -> Item:
                 result=str(change["result"]),
                 at_ms=int(change["at"]),
             )
+        if change["kind"] == "refund":
+            order_id = str(change["order_id"])
+            return RefundEvent(
+                order_id=order_id,
+                activity_id=order_id.rsplit(".", 1)[0],
+                provider=str(change["provider"]),
+                transaction_id=str(change["transaction_id"]),
+                amount_cents=int(change["amount_cents"]),
+                status=str(change["status"]),
+                attempts=int(change["attempts"]),
+                out_refund_no=str(change["out_refund_no"]),
+                refund_id=str(change["refund_id"]),
+                reason=str(change["reason"]),
+                created_at_ms=int(change["created_at"]),
+                updated_at_ms=int(change["updated_at"]),
+                version=int(change["version"]),
+            )
         raise PoisonEntry(f"unknown change kind {change['kind']!r}")
     except PoisonEntry:
         raise
@@ -83,6 +100,8 @@ def batch_of(items: list[Item]) -> Batch:
             batch.created.append(item)
         elif isinstance(item, Transition):
             batch.transitions.append(item)
+        elif isinstance(item, RefundEvent):
+            batch.refunds.append(item)
         else:
             batch.payments.append(item)
     return batch

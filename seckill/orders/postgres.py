@@ -81,6 +81,8 @@ COUNT_WITH = (
     "SELECT COUNT(*), COUNT(*) FILTER (WHERE order_id = ANY($2)),"
     " COUNT(*) FILTER (WHERE created_at_ms > $3) FROM orders WHERE activity_id = $1"
 )
+UPSERT_REFUND = _numbered(sql.UPSERT_REFUND)
+SELECT_REFUNDS = _numbered(sql.SELECT_REFUNDS)
 SELECT_ADDRESSES = _numbered(sql.SELECT_ADDRESSES)
 UPDATE_ADDRESS = _numbered(sql.UPDATE_ADDRESS)
 
@@ -184,6 +186,8 @@ class PostgresStore(OrderStore):
                             for p in batch.payments
                         ],
                     )
+                if batch.refunds:
+                    await db.executemany(UPSERT_REFUND, [sql.refund_row(r) for r in batch.refunds])
             return result
 
         result: WriteResult = await self._run(work)
@@ -207,6 +211,10 @@ class PostgresStore(OrderStore):
     async def payments(self, order_id: str) -> list[tuple[str, str]]:
         rows = await self._run(lambda db: db.fetch(SELECT_PAYMENTS, order_id))
         return [tuple(r) for r in rows]
+
+    async def refunds(self, activity_id: str) -> list[tuple[str, str, int, str, int]]:
+        rows = await self._run(lambda db: db.fetch(SELECT_REFUNDS, activity_id))
+        return [(r[0], r[1], int(r[2]), r[3], int(r[4])) for r in rows]
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 
@@ -16,6 +17,10 @@ from seckill.scripts import Coalescer, Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
 
+if TYPE_CHECKING:
+    from seckill.payments.settlement import DeadlineSettler, Reconciler, Refunder
+    from seckill.payments.wechatpay import WechatPay
+
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +32,13 @@ class OrderService:
     Redis once the store holds them, which is what keeps Redis's memory bounded.
     """
 
-    def __init__(self, settings: Settings, client: Redis, store: OrderStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: Redis,
+        store: OrderStore,
+        provider: WechatPay | None = None,
+    ) -> None:
         w = settings.writer
         self.writer = Writer(
             client,
@@ -50,8 +61,16 @@ class OrderService:
             Coalescer(client, max_batch=64, in_flight=2),
             settings.purchase.idempotency_ttl_s,
         )
+        self.settler: DeadlineSettler | None = None
+        self.reconciler: Reconciler | None = None
+        self.refunder: Refunder | None = None
+        if provider is not None:
+            self._payments(settings, client, scripts, stock, store, provider)
         self.sweeper = Sweeper(
-            stock, interval_s=settings.sweeper.interval_s, batch_size=settings.sweeper.batch_size
+            stock,
+            interval_s=settings.sweeper.interval_s,
+            batch_size=settings.sweeper.batch_size,
+            settler=self.settler,
         )
         self.retirer = Retirer.from_settings(settings, client, store)
         self.supervisors = [
@@ -59,6 +78,54 @@ class OrderService:
             Supervisor("sweeper", self.sweeper.run, client),
             Supervisor("retirer", self.retirer.run, client),
         ]
+        if self.reconciler is not None and self.refunder is not None:
+            self.supervisors += [
+                Supervisor("reconciler", self.reconciler.run, client),
+                Supervisor("refunder", self.refunder.run, client),
+            ]
+
+    def _payments(
+        self,
+        settings: Settings,
+        client: Redis,
+        scripts: Scripts,
+        stock: Stock,
+        store: OrderStore,
+        provider: WechatPay,
+    ) -> None:
+        """The loops that talk to WeChat Pay: deadline settler, reconciler, refunder."""
+        from seckill.payments.ledger import Ledger
+        from seckill.payments.settlement import DeadlineSettler, Reconciler, Refunder
+        from seckill.payments.wechatpay import out_refund_no_for
+
+        p = settings.payment
+        ledger = Ledger(client, scripts)
+        self.settler = DeadlineSettler(
+            stock,
+            ledger,
+            provider,
+            store.order,
+            backoff_base_s=p.deadline_backoff_s,
+            backoff_max_s=p.deadline_backoff_max_s,
+            hold_ceiling_s=p.hold_ceiling_s,
+        )
+        self.reconciler = Reconciler(
+            stock,
+            ledger,
+            provider,
+            store.order,
+            interval_s=p.reconcile_interval_s,
+            quiet_s=p.reconcile_quiet_s,
+        )
+        self.refunder = Refunder(
+            stock,
+            ledger,
+            provider,
+            out_refund_no_for,
+            interval_s=p.refund_interval_s,
+            backoff_max_s=p.refund_backoff_max_s,
+            follow_up_s=p.refund_follow_up_s,
+        )
 
     def alive(self) -> dict[str, bool]:
         """Loop name -> whether it is running in this process now."""

@@ -135,6 +135,8 @@ class SqliteStore(OrderStore):
                         payment.at_ms,
                     ),
                 )
+            for refund in batch.refunds:
+                db.execute(sql.UPSERT_REFUND, sql.refund_row(refund))
             db.execute("COMMIT")
             return result
 
@@ -159,6 +161,10 @@ class SqliteStore(OrderStore):
 
     async def payments(self, order_id: str) -> list[tuple[str, str]]:
         return [tuple(r) for r in await self._query(sql.SELECT_PAYMENTS, (order_id,))]
+
+    async def refunds(self, activity_id: str) -> list[tuple[str, str, int, str, int]]:
+        rows = await self._query(sql.SELECT_REFUNDS, (activity_id,))
+        return [(r[0], r[1], int(r[2]), r[3], int(r[4])) for r in rows]
 
     async def close(self) -> None:
         def work(db: sqlite3.Connection) -> None:

@@ -61,14 +61,34 @@ class PaymentEvent:
     at_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class RefundEvent:
+    """A refund's state after a change (refund_update.lua); newer versions replace older ones."""
+
+    order_id: str
+    activity_id: str
+    provider: str
+    transaction_id: str
+    amount_cents: int
+    status: str
+    attempts: int
+    out_refund_no: str
+    refund_id: str
+    reason: str
+    created_at_ms: int
+    updated_at_ms: int
+    version: int
+
+
 @dataclass(slots=True)
 class Batch:
     created: list[OrderRecord] = field(default_factory=list)
     transitions: list[Transition] = field(default_factory=list)
     payments: list[PaymentEvent] = field(default_factory=list)
+    refunds: list[RefundEvent] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.created) + len(self.transitions) + len(self.payments)
+        return len(self.created) + len(self.transitions) + len(self.payments) + len(self.refunds)
 
 
 @dataclass(slots=True)
@@ -118,6 +138,27 @@ SCHEMA: list[list[str]] = [
         "ALTER TABLE orders ADD COLUMN address TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE orders ADD COLUMN address_hash TEXT NOT NULL DEFAULT ''",
     ],
+    # version 3: refunds of payments that came back refund_required (WeChat Pay), one per order
+    # (a provider takes money for one trade number at most once); the newest version wins
+    [
+        """CREATE TABLE IF NOT EXISTS refunds (
+            order_id       TEXT PRIMARY KEY,
+            activity_id    TEXT NOT NULL,
+            provider       TEXT NOT NULL,
+            transaction_id TEXT NOT NULL,
+            amount_cents   BIGINT NOT NULL,
+            status         TEXT NOT NULL
+                           CHECK (status IN ('pending', 'processing', 'refunded', 'attention')),
+            attempts       INTEGER NOT NULL,
+            out_refund_no  TEXT NOT NULL,
+            refund_id      TEXT NOT NULL,
+            reason         TEXT NOT NULL,
+            created_at_ms  BIGINT NOT NULL,
+            updated_at_ms  BIGINT NOT NULL,
+            version        INTEGER NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS refunds_by_activity ON refunds (activity_id, status)",
+    ],
 ]
 
 # Statements in "?" style; the PostgreSQL backend numbers them.
@@ -161,6 +202,20 @@ SELECT_ORDERS_OF = (
     " WHERE activity_id = ?"
 )
 
+UPSERT_REFUND = (
+    "INSERT INTO refunds (order_id, activity_id, provider, transaction_id, amount_cents, status,"
+    " attempts, out_refund_no, refund_id, reason, created_at_ms, updated_at_ms, version)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (order_id) DO UPDATE SET"
+    " status = excluded.status, attempts = excluded.attempts,"
+    " out_refund_no = excluded.out_refund_no, refund_id = excluded.refund_id,"
+    " reason = excluded.reason, updated_at_ms = excluded.updated_at_ms,"
+    " version = excluded.version WHERE refunds.version < excluded.version"
+)
+SELECT_REFUNDS = (
+    "SELECT order_id, status, attempts, out_refund_no, amount_cents FROM refunds"
+    " WHERE activity_id = ? ORDER BY created_at_ms, order_id"
+)
+
 CAUSES = {"paid": "payment", "cancelled": "cancel", "expired": "expiry"}
 
 
@@ -180,6 +235,25 @@ def order_row(order: OrderRecord) -> tuple[Any, ...]:
         order.tier,
         order.address,
         order.address_hash,
+    )
+
+
+def refund_row(refund: RefundEvent) -> tuple[Any, ...]:
+    """UPSERT_REFUND parameters."""
+    return (
+        refund.order_id,
+        refund.activity_id,
+        refund.provider,
+        refund.transaction_id,
+        refund.amount_cents,
+        refund.status,
+        refund.attempts,
+        refund.out_refund_no,
+        refund.refund_id,
+        refund.reason,
+        refund.created_at_ms,
+        refund.updated_at_ms,
+        refund.version,
     )
 
 
@@ -239,6 +313,10 @@ class OrderStore(abc.ABC):
     @abc.abstractmethod
     async def payments(self, order_id: str) -> list[tuple[str, str]]:
         """(event_id, result) of every payment callback recorded for the order."""
+
+    @abc.abstractmethod
+    async def refunds(self, activity_id: str) -> list[tuple[str, str, int, str, int]]:
+        """(order_id, status, attempts, out_refund_no, amount_cents) of the activity's refunds."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -34,7 +34,7 @@ from seckill.settings import Settings
 from seckill.stock import Stock
 from seckill.switches import Switches
 from seckill.upstreams import Upstream
-from seckill.web import admin, console, ops, public
+from seckill.web import admin, console, ops, payments, public
 from seckill.web.live import Live
 from seckill.web.middlewares import errors
 from seckill.web.state import SERVICES, Services
@@ -120,6 +120,29 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     # bounded: a shutdown must never hang on a background loop
     with contextlib.suppress(asyncio.CancelledError, TimeoutError):
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5.0)
+
+
+async def _wechatpay_ctx(app: web.Application) -> AsyncIterator[None]:
+    """WeChat Pay's breaker in the metrics; its HTTP session closed at exit (set at start or
+    once the gateway's own URL is known: `up --fake-wechatpay`)."""
+    services = app[SERVICES]
+
+    def state() -> dict[tuple[str, ...], float]:
+        provider = services.wechatpay
+        return (
+            {} if provider is None else {(provider.breaker.name,): STATES[provider.breaker.state]}
+        )
+
+    services.metrics.readings.add(
+        "seckill_breaker_state",
+        "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+        "gauge",
+        ["breaker"],
+        state,
+    )
+    yield
+    if services.wechatpay is not None:
+        await services.wechatpay.aclose()
 
 
 def _sealer(settings: Settings) -> Sealer | None:
@@ -339,8 +362,10 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_http_ctx)
     app.cleanup_ctx.append(_background_ctx)
+    app.cleanup_ctx.append(_wechatpay_ctx)
     app.cleanup_ctx.append(_live_ctx)
     app.add_routes(public.routes)
+    app.add_routes(payments.routes)
     app.add_routes(admin.routes)
     app.add_routes(ops.routes)
     app.add_routes(console.routes)

@@ -27,6 +27,7 @@ from seckill.switches import Switches
 from seckill.upstreams import Upstream
 
 if TYPE_CHECKING:
+    from seckill.payments.wechatpay import WechatPay
     from seckill.web.live import Live
 
 
@@ -69,6 +70,8 @@ class Services:
     breakers: list[AsyncBreaker] = field(default_factory=list)
     # the console's live snapshot: computed once a second only while a console watches
     live: Live | None = None
+    # WeChat Pay (SECKILL_WECHATPAY_*, or the local one of `up --fake-wechatpay`); None: off
+    wechatpay: WechatPay | None = None
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)

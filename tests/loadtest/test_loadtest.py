@@ -126,6 +126,7 @@ def test_a_small_real_sale_passes_and_a_broken_one_fails(tmp_path: Path) -> None
     assert outcomes.get("accepted", 0) + outcomes.get("bot_accepted", 0) >= 40
     assert verdict["outcomes"].get("sold_out", 0) > 0
     assert verdict["outcomes"].get("bot_unauthorized", 0) > 0, "forged tokens were refused"
+    assert outcomes.get("wechatpay_paid", 0) > 0, "payers paid through the local WeChat Pay"
     assert (tmp_path / "ok" / "report.html").exists()
     assert (tmp_path / "ok" / "seckill_stats.csv").exists()
 

@@ -592,6 +592,9 @@ class _RefuseWritesAfterCommit(OrderStore):
     async def replace_address(self, order_id: str, old: str, new: str, new_hash: str) -> bool:
         return await self.inner.replace_address(order_id, old, new, new_hash)
 
+    async def refunds(self, activity_id: str) -> list[tuple[str, str, int, str, int]]:
+        return await self.inner.refunds(activity_id)
+
     async def close(self) -> None:
         await self.inner.close()
 
