@@ -12,6 +12,8 @@
 -- KEYS[10] ip bucket   hash  token bucket of (activity, client IP)
 -- KEYS[11] admission bucket  hash  the activity's cluster-wide admission token bucket
 -- KEYS[12] skus       hash    SKU id -> quantity of that SKU on sale (absent before SKUs)
+-- KEYS[TURN_KEYS + 0..4]  a fair sale's registrants, positions, turns (hashes), batches (zset),
+--         claims (hash); turns.lua explains them. Unused by an activity without registration
 -- ARGV[1] user id
 -- ARGV[2] quantity (integer >= 1)
 -- ARGV[3] request fingerprint (same body <=> same fingerprint)
@@ -37,6 +39,9 @@
 --   {"ok", order_id, quantity, expires_at_ms, stock_left, sku_stock_left}
 --   {"replay", order_id, quantity, expires_at_ms}
 --   {"rate_limited", scope, retry_after_ms}    scope: user, ip or admission
+--   {"not_your_turn", retry_after_ms, why}     why: waiting, passed, used
+--   {"undrawn", retry_after_ms, "draw"}        a lottery past its start, not drawn yet
+--   {"not_registered"}
 --   {code}  with code in not_found, reused, <gate>, stale (the gateway's definition is not
 --           the stored one: re-read and retry), not_started, ended, limit_reached, sold_out,
 --           unknown_sku, collision
@@ -45,6 +50,10 @@
 -- (Taking a rate-limit token is the attempt's own outcome, not a half-done purchase.)
 
 --! include take_token.lua
+--! include turns.lua
+
+-- base offsets of the fair sale's KEYS (renumbered in one place when other parts add keys)
+local TURN_KEYS = 13
 
 local user = ARGV[1]
 local quantity = tonumber(ARGV[2])
@@ -54,7 +63,8 @@ local idem_ttl = tonumber(ARGV[5])
 local gate = ARGV[6]
 
 local meta = redis.call('HMGET', KEYS[1], 'id', 'starts_at_ms', 'ends_at_ms',
-                        'per_user_limit', 'payment_timeout_s', 'sku_id', 'price_cents', 'version')
+                        'per_user_limit', 'payment_timeout_s', 'sku_id', 'price_cents', 'version',
+                        'registration_opens_at_ms', 'admission', 'claim_window_s')
 if not meta[1] then
   return {'not_found'}
 end
@@ -68,7 +78,10 @@ if stored then
   return {'replay', answer[2], answer[3], answer[4]}
 end
 
-if gate ~= '' then
+-- switches answer here; the local admission bucket is a rate limit and answers after the
+-- registration and turn check, as the contract orders
+local limited_locally = gate == 'rate_limited'
+if gate ~= '' and not limited_locally then
   return {gate}
 end
 
@@ -97,6 +110,32 @@ end
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- registration and turn (403 not_registered, 409 not_your_turn), after switches
+local turn_keys = nil
+local turn_batch_end = nil
+if meta[9] then
+  if not KEYS[TURN_KEYS + 4] then
+    return {'stale'}  -- the gateway's definition predates the registration: re-read it
+  end
+  turn_keys = {
+    registrants = KEYS[TURN_KEYS + 0], positions = KEYS[TURN_KEYS + 1],
+    turns = KEYS[TURN_KEYS + 2], batches = KEYS[TURN_KEYS + 3], claims = KEYS[TURN_KEYS + 4],
+    stock = KEYS[2],
+  }
+  local fair = {
+    admission = meta[10], claim_ms = tonumber(meta[11] or '0') * 1000,
+    unit = tonumber(meta[4]), starts_ms = tonumber(meta[2]), ends_ms = tonumber(meta[3]),
+  }
+  local refusal
+  refusal, turn_batch_end = check_turn(turn_keys, user, fair, now_ms)
+  if refusal then
+    return refusal
+  end
+end
+if limited_locally then
+  return {gate}
+end
 
 -- rate limits, after idempotency and switches, before the window (the contract's order).
 -- A token taken is spent on the attempt whatever its outcome: limits count attempts.
@@ -178,4 +217,7 @@ redis.call('HINCRBY', KEYS[7], 'orders_created', 1)
 redis.call('HINCRBY', KEYS[7], 'reserved', quantity)
 redis.call('SET', KEYS[8], cmsgpack.pack({fingerprint, order_id, quantity, expires_at_ms}),
            'EX', idem_ttl)
+if turn_batch_end then
+  use_turn(turn_keys, user, order_id, turn_batch_end)
+end
 return {'ok', order_id, quantity, expires_at_ms, left, sku_left or left}

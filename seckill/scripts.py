@@ -69,6 +69,9 @@ class Scripts:
     retire_orders: Script
     unbind_payment_event: Script
     report_snapshot: Script
+    register: Script
+    install_draw: Script
+    queue_position: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:

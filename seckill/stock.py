@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from seckill import keys
+from seckill import keys, lottery
 from seckill.activities import Activity
 from seckill.errors import Conflict, Overloaded, RedisUnavailable
 from seckill.orders.record import OrderRecord
@@ -40,6 +40,9 @@ class Outcome(enum.Enum):
     SOLD_OUT = "sold_out"
     UNKNOWN_SKU = "unknown_sku"
     STALE = "stale"  # the gateway's cached definition is not Redis's: re-read it
+    NOT_REGISTERED = "not_registered"
+    NOT_YOUR_TURN = "not_your_turn"  # retry_after_ms says when to look again, turn says why
+    UNDRAWN = "undrawn"  # a lottery past its start whose draw is not installed yet
 
 
 _OUTCOMES = {o.value.encode(): o for o in Outcome}
@@ -71,6 +74,7 @@ class Reservation:
     gate: str = ""
     retry_after_ms: int = 0
     sku_left: int | None = None  # what is left of the order's SKU
+    turn: str = ""  # not_your_turn: waiting, passed or used
 
 
 class Release(enum.Enum):
@@ -168,9 +172,13 @@ class Stock:
         limits: Limits = NO_LIMITS,
         ip: str = "",
         terms: OrderTerms | None = None,
+        fair: bool = False,
     ) -> Reservation:
-        """Pre-lock ``quantity`` for the user and queue the order, or say why not."""
-        script_keys = keys.reserve_keys(activity_id, user_id, idempotency_key, ip)
+        """Pre-lock ``quantity`` for the user and queue the order, or say why not.
+
+        ``fair``: the activity takes registrations (its turn keys are passed to the script).
+        """
+        script_keys = keys.reserve_keys(activity_id, user_id, idempotency_key, ip, fair)
         # a random id colliding with a live order is all but impossible; a fresh one is safe
         body = (
             fingerprint(quantity, terms.fingerprint_sku, terms.address_hash)
@@ -220,6 +228,8 @@ class Stock:
                 )
             if outcome is Outcome.REPLAY:
                 return Reservation(outcome, reply[1].decode(), int(reply[2]), int(reply[3]))
+            if outcome in (Outcome.NOT_YOUR_TURN, Outcome.UNDRAWN):
+                return Reservation(outcome, retry_after_ms=int(reply[1]), turn=reply[2].decode())
             return Reservation(outcome)
         raise RuntimeError("order id collided three times")  # pragma: no cover
 
@@ -359,9 +369,14 @@ class Stock:
         return sorted(m.decode() for m in members)
 
     async def put_activity(self, activity: Activity) -> str:
-        """Create or replace (before its start) an activity and load its stock; Conflict else."""
+        """Create or replace (before its start) an activity and load its stock; Conflict else.
+
+        A lottery gets its seed here, committed at once; a replacement keeps the first seed.
+        """
+        seed = lottery.new_seed() if activity.lottery else ""
+        args = activity.script_args(seed, lottery.commitment(seed) if seed else "")
         reply = await self._scripts.create_activity(
-            self._client, keys.activity_keys(activity.id), activity.script_args()
+            self._client, keys.activity_keys(activity.id), args
         )
         if reply[0] == b"conflict":
             raise Conflict(reply[1].decode())

@@ -24,6 +24,7 @@ from seckill.catalog import Catalog
 from seckill.errors import RedisUnavailable
 from seckill.events import Events
 from seckill.limits import Rules
+from seckill.lottery import Lottery
 from seckill.metrics import Metrics, Shared
 from seckill.orders.store import StoreUnavailable, open_store
 from seckill.personal import Sealer
@@ -31,8 +32,9 @@ from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
 from seckill.switches import Switches
+from seckill.turns import Turns
 from seckill.upstreams import Upstream
-from seckill.web import admin, ops, public
+from seckill.web import admin, fair, ops, public
 from seckill.web.middlewares import errors
 from seckill.web.state import SERVICES, Services
 
@@ -255,6 +257,8 @@ def create_app(settings: Settings) -> web.Application:
         payments=PaymentSignature(settings.payment.secret, settings.payment.tolerance_s),
         store=open_store(settings.database_url),
         metrics=metrics,
+        lottery=Lottery(client, scripts),
+        turns=Turns(client, scripts),
         openapi=yaml.safe_load(resources.openapi_path().read_text(encoding="utf-8")),
         personal=_sealer(settings),
     )
@@ -282,6 +286,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_background_ctx)
     app.add_routes(public.routes)
     app.add_routes(admin.routes)
+    app.add_routes(fair.routes)
     app.add_routes(ops.routes)
     if not settings.server.ops_port:
         app.add_routes(ops.probes)  # else only on the internal listener (create_ops_app)

@@ -6,24 +6,15 @@ from typing import Any
 
 from aiohttp import web
 
-from seckill import clock, keys, skus
-from seckill.breakers import BreakerOpen
+from seckill import clock, keys, purchase
 from seckill.catalog import Entry
 from seckill.errors import (
     Conflict,
-    Degraded,
-    Ended,
-    IdempotencyKeyReused,
     InvalidRequest,
-    LimitReached,
     NotCancellable,
     NotFound,
-    NotStarted,
     Overloaded,
-    Paused,
     RateLimited,
-    SeckillError,
-    SoldOut,
 )
 from seckill.limits import retry_after_s
 from seckill.orders.record import OrderRecord
@@ -36,28 +27,7 @@ from seckill.web.state import SERVICES, Services
 
 routes = web.RouteTableDef()
 
-_REDIS_DOWN = Overloaded("stock service unavailable, retry later", retry_after=2)
-_SOLD_OUT = SoldOut()
 _NO_SUCH_ORDER = NotFound("no such order")
-_ENDED = Ended()
-# switches and limits decided in the gateway, answered by the script after idempotency
-_GATES: dict[str, SeckillError] = {
-    "degraded": Degraded("flash sales are switched off for now"),
-    "paused": Paused("this activity is paused"),
-    "ended": _ENDED,
-    "rate_limited": RateLimited(),
-    # the writers are behind by more than [writer] backlog_ceiling: accept nothing new until
-    # they catch up (fail closed: nothing reserved, nothing lost)
-    "overloaded": Overloaded("orders are waiting to be written, retry shortly", retry_after=2),
-}
-_REFUSALS: dict[Outcome, SeckillError] = {
-    Outcome.NOT_FOUND: NotFound("no such activity"),
-    Outcome.REUSED: IdempotencyKeyReused(),
-    Outcome.NOT_STARTED: NotStarted(),
-    Outcome.ENDED: _ENDED,
-    Outcome.LIMIT_REACHED: LimitReached(),
-    Outcome.SOLD_OUT: _SOLD_OUT,
-}
 
 
 async def _entry(services: Services, activity_id: str) -> Entry:
@@ -101,7 +71,7 @@ def _rate_limited(wait_s: float, burst: float) -> web.Response:
 
 @routes.post("/api/v1/activities/{activity_id}/orders", name="order_create")
 async def create_order(request: web.Request) -> web.Response:
-    """Reserve stock for the caller: checks in the contract's order, then one atomic script."""
+    """Reserve stock for the caller: the request's shape here, the decision in purchase.py."""
     services = request.app[SERVICES]
     user_id, tier = services.users.user(request.headers.get("Authorization"))
     raw = await read_limited(request, services.settings.server.max_body_bytes)
@@ -109,78 +79,23 @@ async def create_order(request: web.Request) -> web.Response:
     idempotency_key = request.headers.get("Idempotency-Key", "")
     if not keys.IDEMPOTENCY_KEY_PATTERN.fullmatch(idempotency_key):
         raise InvalidRequest("Idempotency-Key header must be 1-64 characters of [A-Za-z0-9_-]")
-
-    activity_id = request.match_info["activity_id"]
-    entry = await _entry(services, activity_id)
-    activity = entry.activity
-    terms = skus.with_address(skus.resolve(activity, order, tier), order.address, services.personal)
-
-    switches = services.switches
-    gate = switches.gate(activity_id)
-    if not gate and entry.over_ceiling:
-        gate = "overloaded"
-    rule = services.limits.for_activity(activity_id)
-    wait = 0.0
-    factor = switches.value("admission.factor")
-    if not gate:
-        # the local admission bucket: no network round trip (the exact one is in Redis)
-        wait = services.limits.admit(activity_id, rule, factor)
-        if wait:
-            gate = "rate_limited"
-    if entry.sold_out_for(user_id, terms.sku_id):
-        # the storm's common case: no Redis round trip for a user who holds nothing here;
-        # the answer is still the first that applies of switches, window, stock
-        if gate == "rate_limited":
-            return _rate_limited(wait, rule.admission_burst)
-        if gate:
-            return refusal(_GATES[gate])
-        return refusal(_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT)
-
-    try:
-        reservation = await services.redis_breaker.call(
-            lambda: services.stock.reserve(
-                activity_id,
-                user_id,
-                idempotency_key,
-                order.quantity,
-                gate,
-                rule.redis_limits(factor),
-                request.remote or "",
-                terms,
-            )
-        )
-    except BreakerOpen:
-        # fail closed: never sell without Redis; retry once the breaker has probed again
-        return refusal(_REDIS_DOWN)
-    outcome = reservation.outcome
-    if outcome is Outcome.OK:
-        services.catalog.note_reserved(
-            activity_id, reservation.stock_left or 0, terms.sku_id, reservation.sku_left
-        )
-    if outcome in (Outcome.OK, Outcome.REPLAY):
+    entry = await _entry(services, request.match_info["activity_id"])
+    decision = await purchase.decide(
+        services, entry, user_id, tier, order, idempotency_key, request.remote or ""
+    )
+    reservation = decision.reservation
+    if reservation is not None:
         return _order_accepted(
-            activity_id,
+            entry.activity.id,
             reservation.order_id,
             reservation.quantity,
             reservation.expires_at_ms,
-            replayed=outcome is Outcome.REPLAY,
+            replayed=reservation.outcome is Outcome.REPLAY,
         )
-    if outcome is Outcome.SOLD_OUT:
-        services.catalog.note_sold_out(activity_id)
-    if outcome in (Outcome.STALE, Outcome.UNKNOWN_SKU):
-        # this process's definition is older than Redis's: re-read it; the buyer retries
-        await services.catalog.reload(activity_id)
-        return refusal(Overloaded("the activity just changed, retry", retry_after=1))
-    if reservation.gate == "rate_limited":
-        if reservation.retry_after_ms:  # a Redis bucket (user or ip) refused it
-            scope_burst = rule.user_burst if rule.user_rate_per_s else rule.ip_burst
-            services.limits.count(activity_id, "redis", False)
-            return _rate_limited(reservation.retry_after_ms / 1000, scope_burst)
-        return _rate_limited(wait, rule.admission_burst)
-    error = _REFUSALS.get(outcome) or _GATES.get(reservation.gate)
-    if error is None:
-        raise Overloaded(f"refused: {reservation.gate}")
-    return refusal(error)
+    if decision.limited is not None:
+        return _rate_limited(*decision.limited)
+    assert decision.error is not None
+    return refusal(decision.error)
 
 
 @routes.get("/api/v1/activities/{activity_id}", name="activity_get")
