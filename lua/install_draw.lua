@@ -48,6 +48,7 @@ end
 
 if count > 0 then
   redis.call('RENAME', KEYS[4], KEYS[3])
+  redis.call('PERSIST', KEYS[3])  -- the staging hash's TTL (an abandoned drawer's) moved with it
 else
   redis.call('DEL', KEYS[3])
 end

@@ -158,6 +158,8 @@ class Lottery:
             page = ordered[start : start + _PAGE]
             mapping = {user: start + i for i, user in enumerate(page, start=1)}
             await self._client.hset(staging, mapping=mapping)  # type: ignore[arg-type]
+            # a drawer that dies half way leaves nothing behind for long (the install persists)
+            await self._client.pexpire(staging, _LOCK_MS * 10)
         reply = await self._scripts.install_draw(
             self._client,
             keys.install_draw_keys(activity_id, nonce),

@@ -254,7 +254,7 @@ async def _expire(sync_redis: redis.Redis, client: Client, order_id: str) -> Non
 
 
 async def test_a_lapsed_claim_window_passes_the_turn_on(client: Client, settings: Settings) -> None:
-    activity = await _create(client, settings, admission="lottery", claim_window_s=1, stock=1)
+    activity = await _create(client, settings, admission="lottery", claim_window_s=2, stock=1)
     activity_id = activity["id"]
     for user in ("a", "b", "c"):
         await _register(client, settings, activity_id, user)
@@ -396,7 +396,7 @@ async def test_bad_input_on_every_new_field_header_and_endpoint_changes_nothing(
     activity = await _create(client, settings, starts_at=rfc3339(600))
     activity_id = activity["id"]
     registration = f"/api/v1/activities/{activity_id}/registration"
-    for device in ("", "x" * 65, "bad device", "dévice"):
+    for device in ("", "x" * 65, "bad device", "bad/device"):
         response = await client.post(
             registration, headers={**user_headers(settings, "u"), "X-Device-Id": device}
         )
