@@ -78,9 +78,9 @@ if stored then
   return {'replay', answer[2], answer[3], answer[4]}
 end
 
--- switches answer here; the local admission bucket is a rate limit and answers after the
--- registration and turn check, as the contract orders
-local limited_locally = gate == 'rate_limited'
+-- switches answer here; the local admission bucket is a rate limit, so in a sale with
+-- registration it answers after the registration and turn check, as the contract orders
+local limited_locally = gate == 'rate_limited' and meta[9]
 if gate ~= '' and not limited_locally then
   return {gate}
 end
