@@ -156,6 +156,8 @@ async def draw(request: web.Request) -> web.Response:
     if stored is None:
         raise NotFound("this activity has no draw")
     now_ms = await services.stock.redis_now_ms()
+    if stored.drawn_at_ms is None and now_ms >= activity.starts_at_ms:
+        lottery.kick(activity.id)  # due: nobody has asked for a turn yet
     revealed = now_ms >= activity.ends_at_ms
     body: dict[str, Any] = {
         "activity_id": activity.id,
