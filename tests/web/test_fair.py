@@ -27,7 +27,7 @@ from tests.helpers import activity_body, admin_headers, loops_alive, rfc3339, us
 
 Client = TestClient[Any, Any]
 # registration closes at starts_at: long enough to register on a busy machine
-START_S = 3.0
+START_S = 4.0
 
 
 async def _create(client: Client, settings: Settings, **overrides: Any) -> dict[str, Any]:
