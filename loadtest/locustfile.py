@@ -3,7 +3,17 @@
 Shoppers open the activity, wait for the start second, buy with an Idempotency-Key (retrying
 with the same key after 429/503, honouring Retry-After), poll their order, then pay (a share
 of the winners, through a correctly signed callback), cancel (a few) or leave it to expire.
-Bots hammer, replay keys and send forged tokens. An optional ops user flips a flag mid-sale.
+Each has a phone of their own (X-Device-Id) and a home address; a few share both with one
+other shopper (a family).
+
+Bots behave like a scalper's farm: many accounts on few phones (20 accounts per device),
+one warehouse address per 50 accounts, firing before the start second because they trust no
+clock, hammering with fresh Idempotency-Keys, replaying keys, sending forged tokens, polling
+their orders faster than allowed, and never paying: a reservation is held until it expires
+(reserve-and-abandon), then bought again. An optional ops user flips a flag mid-sale.
+
+Every user counts under its role (shopper, bot): how many there were, which orders they won,
+which were refused by a risk rule; the verdict turns that into per-capita win rates.
 
 Scale: users share one HTTP client pool (no socket per user), tokens are minted ahead of time
 (no signing during the run), and a user whose story is over idles in a long sleep (a greenlet
@@ -11,7 +21,9 @@ that costs nothing). Environment (set by run.py):
   SECKILL_LT_ACTIVITY, SECKILL_LT_START_AT (epoch s), SECKILL_LT_TOKENS (file of user<TAB>jwt),
   SECKILL_LT_PAYMENT_SECRET, SECKILL_LT_ADMIN_TOKEN, SECKILL_LT_OUT (dir), SECKILL_LT_USERS,
   SECKILL_LT_SPAWN_RATE, SECKILL_LT_DURATION_S, SECKILL_LT_OPS ("1": the ops user runs),
-  SECKILL_LT_PRICE_CENTS.
+  SECKILL_LT_PRICE_CENTS, SECKILL_LT_REGISTER ("1": everyone registers first, once
+  POST /api/v1/activities/{id}/registration exists), SECKILL_LT_BOT_LEAD_S (how early bots
+  start firing, default 1.5).
 """
 
 from __future__ import annotations
@@ -40,6 +52,14 @@ ADMIN_TOKEN = os.environ.get("SECKILL_LT_ADMIN_TOKEN", "")
 PRICE = int(os.environ.get("SECKILL_LT_PRICE_CENTS", "100"))
 OUT = os.environ.get("SECKILL_LT_OUT", ".")
 ORDER_URL = f"/api/v1/activities/{ACTIVITY}/orders"
+REGISTRATION_URL = f"/api/v1/activities/{ACTIVITY}/registration"
+REGISTER = os.environ.get("SECKILL_LT_REGISTER") == "1"
+BOT_LEAD_S = float(os.environ.get("SECKILL_LT_BOT_LEAD_S", "1.5"))
+ACCOUNTS_PER_BOT_DEVICE = 20
+ACCOUNTS_PER_WAREHOUSE = 50
+# one shopper in 25 shares the phone, one in 20 the home, with the shopper before
+FAMILY_PHONE_EVERY = 25
+FAMILY_HOME_EVERY = 20
 
 TOKENS: list[tuple[str, str]] = []
 if os.environ.get("SECKILL_LT_TOKENS"):
@@ -49,6 +69,11 @@ _next_token = itertools.count()
 
 OUTCOMES: Counter[str] = Counter()
 ACCEPTED: set[str] = set()
+# role -> users of that role started here / order ids they won / users a risk rule refused
+USERS: Counter[str] = Counter()
+WON: dict[str, set[str]] = {"shopper": set(), "bot": set()}
+RISK_REFUSED: dict[str, set[str]] = {"shopper": set(), "bot": set()}
+_TAG = f"{os.getpid()}"  # several load processes: their devices and addresses stay apart
 
 
 @events.init.add_listener
@@ -64,7 +89,16 @@ def _offset_tokens(environment: Any, **_: Any) -> None:
 def _write_outcomes() -> None:
     path = os.path.join(OUT, f"outcomes-{os.getpid()}.json")
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump({"outcomes": OUTCOMES, "accepted": sorted(ACCEPTED)}, handle)
+        json.dump(
+            {
+                "outcomes": OUTCOMES,
+                "accepted": sorted(ACCEPTED),
+                "users": USERS,
+                "won": {role: sorted(ids) for role, ids in WON.items()},
+                "risk_refused": {role: sorted(ids) for role, ids in RISK_REFUSED.items()},
+            },
+            handle,
+        )
 
 
 def _identity() -> tuple[str, str]:
@@ -94,10 +128,40 @@ def _sign(body: bytes) -> str:
     return f"t={t},v1={digest}"
 
 
-def _wait_for_start(jitter_s: float) -> None:
-    delay = START_AT - time.time() + random.uniform(0, jitter_s)
+def _wait_for_start(jitter_s: float, lead_s: float = 0.0) -> None:
+    delay = START_AT - lead_s - time.time() + random.uniform(0, jitter_s)
     if delay > 0:
         gevent.sleep(delay)
+
+
+def _address(home: str) -> dict[str, str]:
+    digits = int(hashlib.sha256(home.encode()).hexdigest()[:8], 16) % 10**8
+    return {
+        "name": f"Resident {home}",
+        "phone": f"139{digits:08d}",
+        "region": "Zhejiang Hangzhou",
+        "detail": f"{home} Wensan Road",
+    }
+
+
+def _count_answer(role: str, user_id: str, response: Any) -> str:
+    """The answer's outcome, counted under the user's role (wins and risk refusals noted)."""
+    outcome = _outcome(response)
+    OUTCOMES[outcome if role == "shopper" else f"bot_{outcome}"] += 1
+    if response.status_code == 202:
+        order_id = json.loads(response.content)["order_id"]
+        ACCEPTED.add(order_id)
+        WON[role].add(order_id)
+    elif outcome == "risk_refused":
+        RISK_REFUSED[role].add(user_id)
+    return outcome
+
+
+def _register(client: Any, headers: dict[str, str], name: str) -> None:
+    """Registration before the sale (SECKILL_LT_REGISTER=1; the endpoint of the fair sale)."""
+    with client.post(REGISTRATION_URL, headers=headers, name=name, catch_response=True) as r:
+        OUTCOMES[f"registration_{r.status_code}"] += 1
+        r.success()
 
 
 class Shopper(FastHttpUser):
@@ -107,33 +171,43 @@ class Shopper(FastHttpUser):
     client_pool = HTTPClientPool(concurrency=64)
     wait_time = constant(3600)
 
+    _count = itertools.count()
+
     def on_start(self) -> None:
         self.user_id, token = _identity()
-        self.auth = {"Authorization": f"Bearer {token}"}
+        n = next(Shopper._count)
+        USERS["shopper"] += 1
+        phone = n - 1 if n % FAMILY_PHONE_EVERY == 1 else n
+        home = n - 1 if n % FAMILY_HOME_EVERY == 1 else n
+        self.auth = {
+            "Authorization": f"Bearer {token}",
+            "X-Device-Id": f"phone-{_TAG}-{phone}",
+        }
+        self.address = _address(f"home-{_TAG}-{home}")
 
     @task
     def story(self) -> None:
         self.client.get(f"/api/v1/activities/{ACTIVITY}", name="GET activity")
+        if REGISTER:
+            _register(self.client, self.auth, "POST registration")
         _wait_for_start(jitter_s=0.5)  # the whole crowd taps within the start second
         key = uuid.uuid4().hex
         order_id = None
         for _ in range(5):
             with self.client.post(
                 ORDER_URL,
-                json={"quantity": 1},
+                json={"quantity": 1, "address": self.address},
                 headers={**self.auth, "Idempotency-Key": key},
                 name="POST order",
                 catch_response=True,
             ) as response:
-                outcome = _outcome(response)
-                OUTCOMES[outcome] += 1
-                if response.status_code in (202, 409, 429, 503):
+                _count_answer("shopper", self.user_id, response)
+                if response.status_code in (202, 403, 409, 429, 503):
                     response.success()  # business answers, not load-test failures
                 else:
                     response.failure(f"unexpected {response.status_code}")
                 if response.status_code == 202:
                     order_id = json.loads(response.content)["order_id"]
-                    ACCEPTED.add(order_id)
             if response.status_code in (429, 503):
                 gevent.sleep(_retry_after(response))  # honour it, then retry with the same key
                 continue
@@ -175,19 +249,27 @@ def _payment_result(response: Any) -> str:
 
 
 class Bot(FastHttpUser):
-    """Scalpers' scripts: hammering, replaying keys, forged tokens."""
+    """One account of a scalper's farm (see the module's docstring)."""
 
     weight = 1
     client_pool = HTTPClientPool(concurrency=16)
     wait_time = constant(0.05)
+    _count = itertools.count()
 
     def on_start(self) -> None:
         self.user_id, token = _identity()
-        self.auth = {"Authorization": f"Bearer {token}"}
+        n = next(Bot._count)
+        USERS["bot"] += 1
+        device = {"X-Device-Id": f"farm-{_TAG}-{n // ACCOUNTS_PER_BOT_DEVICE}"}
+        self.auth = {"Authorization": f"Bearer {token}", **device}
         header, payload, _signature = token.split(".")
-        self.forged = {"Authorization": f"Bearer {header}.{payload}.{'A' * 43}"}
+        self.forged = {"Authorization": f"Bearer {header}.{payload}.{'A' * 43}", **device}
+        self.address = _address(f"warehouse-{_TAG}-{n // ACCOUNTS_PER_WAREHOUSE}")
         self.replayed_key = uuid.uuid4().hex
-        _wait_for_start(jitter_s=0.0)
+        self.held: str | None = None
+        if REGISTER:
+            _register(self.client, self.auth, "POST registration (bot)")
+        _wait_for_start(jitter_s=0.0, lead_s=BOT_LEAD_S)  # early: it trusts no clock
 
     @task(3)
     def hammer(self) -> None:
@@ -201,18 +283,32 @@ class Bot(FastHttpUser):
     def forged_token(self) -> None:
         self._post(self.forged, uuid.uuid4().hex, "POST order (forged)")
 
+    @task(1)
+    def poll(self) -> None:
+        """Polls its reservation far faster than the order-read limit allows; never pays."""
+        if self.held is None:
+            return
+        for _ in range(3):
+            with self.client.get(
+                f"/api/v1/orders/{self.held}",
+                headers=self.auth,
+                name="GET order (bot poll)",
+                catch_response=True,
+            ) as response:
+                OUTCOMES[f"bot_poll_{response.status_code}"] += 1
+                response.success()
+
     def _post(self, auth: dict[str, str], key: str, name: str) -> None:
         with self.client.post(
             ORDER_URL,
-            json={"quantity": 1},
+            json={"quantity": 1, "address": self.address},
             headers={**auth, "Idempotency-Key": key},
             name=name,
             catch_response=True,
         ) as response:
-            outcome = _outcome(response)
-            OUTCOMES[f"bot_{outcome}"] += 1
+            _count_answer("bot", self.user_id, response)
             if response.status_code == 202:
-                ACCEPTED.add(json.loads(response.content)["order_id"])
+                self.held = json.loads(response.content)["order_id"]
             if response.status_code < 500 or response.status_code == 503:
                 response.success()
 

@@ -6,8 +6,12 @@ It starts `seckill up` in a temporary directory unless --gateway points at a run
 defines a sale starting once the whole crowd has arrived, mints every user's token ahead of
 time, runs locust headless (CSV and HTML report in --out), waits for the order writer to
 persist what was accepted, asks the gateway for the activity report, prints the figures, and
-exits 0 on PASS, 1 on FAIL: PASS only if nothing was oversold, no user exceeded the limit and
-every accepted order is in the store.
+exits 0 on PASS, 1 on FAIL: PASS only if nothing was oversold, no user exceeded the limit,
+every accepted order is in the store, a bot won no more often per head than a shopper
+(--max-win-ratio) and risk rules refused few shoppers (--max-shoppers-refused).
+
+--risk off starts the gateway with every risk rule off (the sale as it was before them);
+--register makes everyone register before the sale (the fair sale's registration endpoint).
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from verdict import judge, read_stats, render  # noqa: E402
+from verdict import (  # noqa: E402
+    MAX_SHOPPERS_REFUSED,
+    MAX_WIN_RATIO,
+    Fairness,
+    judge,
+    read_stats,
+    render,
+)
 
 from seckill import settings as settings_module  # noqa: E402
 from seckill.auth import UserAuth  # noqa: E402
@@ -48,8 +59,25 @@ def _call(method: str, url: str, token: str, body: Any = None) -> Any:
         return json.loads(response.read())
 
 
-def _start_gateway(work: Path) -> tuple[subprocess.Popen[str], str]:
+# every risk rule off: the sale as it ran before them (--risk off)
+RISK_OFF = "".join(
+    f'[{rule}]\nmode = "off"\n{extra}\n'
+    for rule, extra in (
+        ("deny", ""),
+        ("device_accounts", "max_accounts = 1\n"),
+        ("address_orders", "max_orders = 1\n"),
+        ("user_velocity", "window_s = 60\nmax_attempts = 1\n"),
+        ("device_velocity", "window_s = 60\nmax_attempts = 1\n"),
+        ("ip_velocity", "window_s = 60\nmax_attempts = 1\n"),
+    )
+)
+
+
+def _start_gateway(work: Path, risk: str) -> tuple[subprocess.Popen[str], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
+    if risk == "off":
+        (work / "risk-off.toml").write_text(RISK_OFF)
+        env["SECKILL_RISK_RULES_PATH"] = str(work / "risk-off.toml")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -94,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--drain-timeout", type=float, default=120)
     parser.add_argument(
+        "--risk",
+        choices=["on", "off"],
+        default="on",
+        help="on: the shipped config/risk.toml; off: every risk rule off (started gateway only)",
+    )
+    parser.add_argument("--register", action="store_true", help="everyone registers first")
+    parser.add_argument("--max-win-ratio", type=float, default=MAX_WIN_RATIO)
+    parser.add_argument("--max-shoppers-refused", type=float, default=MAX_SHOPPERS_REFUSED)
+    parser.add_argument(
         "--break-invariant", action="store_true", help=argparse.SUPPRESS
     )  # tests: corrupt the store before judging, so FAIL can be seen to happen
     args = parser.parse_args(argv)
@@ -106,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     gateway_process = None
     url = args.gateway
     if url is None:
-        gateway_process, url = _start_gateway(work)
+        gateway_process, url = _start_gateway(work, args.risk)
     try:
         admin = settings.admin.token
         activity_id = f"lt-{int(time.time())}"
@@ -124,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
                 "price_cents": args.price_cents,
                 "per_user_limit": args.per_user_limit,
                 "payment_timeout_s": args.payment_timeout,
+                "requires_address": True,  # it ships: bots need an address as much as shoppers
+                **(
+                    {"registration_opens_at": datetime.now(tz=UTC).isoformat()}
+                    if args.register
+                    else {}
+                ),
                 "starts_at": start.isoformat(),
                 "ends_at": (start + timedelta(seconds=args.duration + 60)).isoformat(),
             },
@@ -148,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             "SECKILL_LT_DURATION_S": str(args.duration),
             "SECKILL_LT_OPS": "1" if args.ops else "0",
             "SECKILL_LT_WORKERS": str(max(args.workers, 1)),
+            "SECKILL_LT_REGISTER": "1" if args.register else "0",
         }
         # for workers on other machines: `set -a; . loadtest/out/env; set +a`
         (args.out / "env").write_text(
@@ -194,16 +238,20 @@ def main(argv: list[str] | None = None) -> int:
             report = _drained_report(url, admin, activity_id, args)  # the gateway must see it
         outcomes: dict[str, int] = {}
         accepted: set[str] = set()
-        for path in glob.glob(str(args.out / "outcomes-*.json")):
-            data = json.loads(Path(path).read_text())
+        files = [
+            json.loads(Path(path).read_text())
+            for path in glob.glob(str(args.out / "outcomes-*.json"))
+        ]
+        for data in files:
             for key, value in data["outcomes"].items():
                 outcomes[key] = outcomes.get(key, 0) + value
             accepted.update(data["accepted"])
+        fairness = Fairness.from_outcomes(files)
         stats = read_stats(args.out / "seckill_stats.csv")
         history = read_stats(args.out / "seckill_stats_history.csv")
         reached = max((int(row["User Count"]) for row in history), default=0)
-        verdict = judge(report, accepted)
-        print(render(verdict, report, stats, outcomes, reached, args.users))
+        verdict = judge(report, accepted, fairness, args.max_win_ratio, args.max_shoppers_refused)
+        print(render(verdict, report, stats, outcomes, reached, args.users, fairness))
         (args.out / "verdict.json").write_text(
             json.dumps(
                 {
@@ -213,6 +261,19 @@ def main(argv: list[str] | None = None) -> int:
                     "outcomes": outcomes,
                     "users_reached": reached,
                     "users_wanted": args.users,
+                    "risk": args.risk,
+                    "fairness": {
+                        "shoppers": fairness.shoppers,
+                        "bots": fairness.bots,
+                        "shopper_wins": fairness.shopper_wins,
+                        "bot_wins": fairness.bot_wins,
+                        "shopper_rate": fairness.shopper_rate,
+                        "bot_rate": fairness.bot_rate,
+                        "ratio": None if fairness.ratio == float("inf") else fairness.ratio,
+                        "shoppers_refused": fairness.shoppers_refused,
+                        "shoppers_refused_share": fairness.refused_share,
+                        "bots_refused": fairness.bots_refused,
+                    },
                 },
                 indent=2,
             )

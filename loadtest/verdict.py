@@ -1,4 +1,4 @@
-"""The verdict of a load test: PASS only if the sale held every invariant.
+"""The verdict of a load test: PASS only if the sale held every invariant and was fair.
 
 Pure functions over the gateway's activity report and what the load generator saw, so the
 logic is tested on its own and on a real run.
@@ -18,8 +18,78 @@ class Verdict:
     reasons: list[str] = field(default_factory=list)
 
 
-def judge(report: dict[str, Any], accepted_order_ids: set[str]) -> Verdict:
-    """PASS iff nothing was oversold, no user went over the limit, every order is stored."""
+# the bar a fair sale clears: a bot wins no more often per head than a shopper, and risk
+# rules refuse at most one shopper in 200
+MAX_WIN_RATIO = 1.0
+MAX_SHOPPERS_REFUSED = 0.005
+
+
+@dataclass(frozen=True)
+class Fairness:
+    """Who won, per role: users, distinct orders won, users a risk rule refused."""
+
+    shoppers: int
+    bots: int
+    shopper_wins: int
+    bot_wins: int
+    shoppers_refused: int
+    bots_refused: int = 0
+
+    @property
+    def shopper_rate(self) -> float:
+        """Orders won per shopper."""
+        return self.shopper_wins / self.shoppers if self.shoppers else 0.0
+
+    @property
+    def bot_rate(self) -> float:
+        """Orders won per bot account."""
+        return self.bot_wins / self.bots if self.bots else 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Bots' per-capita win rate over shoppers' (inf: bots won, shoppers did not)."""
+        if self.shopper_rate == 0:
+            return float("inf") if self.bot_rate > 0 else 0.0
+        return self.bot_rate / self.shopper_rate
+
+    @property
+    def refused_share(self) -> float:
+        """Shoppers refused by a risk rule (false positives), as a share of shoppers."""
+        return self.shoppers_refused / self.shoppers if self.shoppers else 0.0
+
+    @classmethod
+    def from_outcomes(cls, files: list[dict[str, Any]]) -> Fairness:
+        """Summed over the load processes' outcomes-<pid>.json."""
+        users: dict[str, int] = {}
+        won: dict[str, set[str]] = {"shopper": set(), "bot": set()}
+        refused: dict[str, set[str]] = {"shopper": set(), "bot": set()}
+        for data in files:
+            for role, count in data.get("users", {}).items():
+                users[role] = users.get(role, 0) + count
+            for role, ids in data.get("won", {}).items():
+                won.setdefault(role, set()).update(ids)
+            for role, ids in data.get("risk_refused", {}).items():
+                refused.setdefault(role, set()).update(ids)
+        return cls(
+            shoppers=users.get("shopper", 0),
+            bots=users.get("bot", 0),
+            shopper_wins=len(won["shopper"]),
+            bot_wins=len(won["bot"]),
+            shoppers_refused=len(refused["shopper"]),
+            bots_refused=len(refused["bot"]),
+        )
+
+
+def judge(
+    report: dict[str, Any],
+    accepted_order_ids: set[str],
+    fairness: Fairness | None = None,
+    max_ratio: float = MAX_WIN_RATIO,
+    max_refused: float = MAX_SHOPPERS_REFUSED,
+) -> Verdict:
+    """PASS iff nothing was oversold, no user went over the limit, every order is stored, and
+    (given ``fairness``) bots won no more often per head than shoppers and risk rules refused
+    few enough shoppers."""
     reasons: list[str] = []
     sold = report["reserved"] + report["paid"]
     if sold > report["initial_stock"]:
@@ -46,6 +116,18 @@ def judge(report: dict[str, Any], accepted_order_ids: set[str]) -> Verdict:
         )
     if not report.get("consistent", False):
         reasons.append("report inconsistent: " + "; ".join(report.get("problems", [])))
+    if fairness is not None and fairness.bots and fairness.shoppers:
+        if fairness.ratio > max_ratio:
+            reasons.append(
+                f"UNFAIR: a bot won {fairness.ratio:.2f}x as often as a shopper per head"
+                f" ({fairness.bot_rate:.4f} vs {fairness.shopper_rate:.4f}; at most"
+                f" {max_ratio:.2f}x)"
+            )
+        if fairness.refused_share > max_refused:
+            reasons.append(
+                f"risk rules refused {fairness.shoppers_refused} shoppers"
+                f" ({fairness.refused_share:.2%}; at most {max_refused:.2%})"
+            )
     return Verdict(passed=not reasons, reasons=reasons)
 
 
@@ -62,8 +144,10 @@ def render(
     outcomes: dict[str, int],
     users_reached: int,
     users_wanted: int,
+    fairness: Fairness | None = None,
 ) -> str:
-    """The printed summary: users, throughput, latency per endpoint, outcomes, verdict."""
+    """The printed summary: users, throughput, latency per endpoint, outcomes, fairness,
+    verdict."""
     lines = [f"users reached: {users_reached:,} of {users_wanted:,}"]
     total = next((row for row in stats if row["Name"] == "Aggregated"), None)
     if total:
@@ -86,6 +170,17 @@ def render(
         f" orders created {report['orders_created']}, in store {report['orders_in_store']},"
         f" pending {report['orders_pending_write']}"
     )
+    if fairness is not None:
+        ratio = "n/a" if fairness.ratio == float("inf") else f"{fairness.ratio:.2f}x"
+        lines.append(
+            f"fairness: shoppers {fairness.shoppers:,} won {fairness.shopper_wins:,}"
+            f" ({fairness.shopper_rate:.4f} per head); bots {fairness.bots:,} won"
+            f" {fairness.bot_wins:,} ({fairness.bot_rate:.4f} per head); bot/shopper {ratio}"
+        )
+        lines.append(
+            f"risk rules refused {fairness.shoppers_refused:,} shoppers"
+            f" ({fairness.refused_share:.2%}) and {fairness.bots_refused:,} bots"
+        )
     lines.append("")
     lines.append("VERDICT: PASS" if verdict.passed else "VERDICT: FAIL")
     lines.extend(f"  - {reason}" for reason in verdict.reasons)

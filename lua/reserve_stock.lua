@@ -12,8 +12,6 @@
 -- KEYS[10] ip bucket   hash  token bucket of (activity, client IP)
 -- KEYS[11] admission bucket  hash  the activity's cluster-wide admission token bucket
 -- KEYS[12] skus       hash    SKU id -> quantity of that SKU on sale (absent before SKUs)
--- KEYS[TURN_KEYS + 0..4]  a fair sale's registrants, positions, turns (hashes), batches (zset),
---         claims (hash); turns.lua explains them. Unused by an activity without registration
 -- ARGV[1] user id
 -- ARGV[2] quantity (integer >= 1)
 -- ARGV[3] request fingerprint (same body <=> same fingerprint)
@@ -35,25 +33,44 @@
 -- ARGV[21] keyed hash of the normalised address ("" none)
 -- ARGV[14..21] are optional: a caller from before SKUs passes 13 arguments.
 --
+-- A fair sale (lua/turns.lua), only for an activity with registration: its keys come first
+-- among the optional groups, from TURN_KEYS (the risk rules' then start after them):
+-- KEYS[TURN_KEYS + 0..4] registrants, positions, turns (hashes), batches (zset), claims (hash)
+--
+-- Risk rules (lua/risk.lua), addressed from the bases RISK_KEYS and RISK_ARGV so that other
+-- checks can add their own arguments beside them; optional (absent: no risk rules):
+-- KEYS[RISK_KEYS + 0] devices    set   users who bought with the request's device here
+-- KEYS[RISK_KEYS + 1] addresses  hash  keyed address hash -> orders created with it here
+-- ARGV[RISK_ARGV + 0] the gateway's hits "<rule>:<mode>,..." (deny list, velocity; "" none)
+-- ARGV[RISK_ARGV + 1] keyed hash of the request's X-Device-Id ("" none)
+-- ARGV[RISK_ARGV + 2] most accounts per device (0: off)  ARGV[RISK_ARGV + 3] its mode
+-- ARGV[RISK_ARGV + 4] most orders per address (0: off)   ARGV[RISK_ARGV + 5] its mode
+--
 -- Returns one of
 --   {"ok", order_id, quantity, expires_at_ms, stock_left, sku_stock_left}
 --   {"replay", order_id, quantity, expires_at_ms}
 --   {"rate_limited", scope, retry_after_ms}    scope: user, ip or admission
+--   {"risk_refused", rule}                     an enforced risk rule refused the attempt
 --   {"not_your_turn", retry_after_ms, why}     why: waiting, passed, used
 --   {"undrawn", retry_after_ms, "draw"}        a lottery past its start, not drawn yet
 --   {"not_registered"}
 --   {code}  with code in not_found, reused, <gate>, stale (the gateway's definition is not
 --           the stored one: re-read and retry), not_started, ended, limit_reached, sold_out,
 --           unknown_sku, collision
+-- and every answer decided after the risk rules ends with {"risk", "<rule>:<mode>", ...} when
+-- a rule hit (risk_reply), so the gateway counts shadow hits too.
 --
 -- Every check runs before the first write: Redis does not roll back a script that fails halfway.
 -- (Taking a rate-limit token is the attempt's own outcome, not a half-done purchase.)
 
 --! include take_token.lua
 --! include turns.lua
+--! include risk.lua
 
--- base offsets of the fair sale's KEYS (renumbered in one place when other parts add keys)
+-- base offsets of the optional groups (renumbered here when another group is added)
 local TURN_KEYS = 13
+local RISK_KEYS = 13
+local RISK_ARGV = 22
 
 local user = ARGV[1]
 local quantity = tonumber(ARGV[2])
@@ -68,6 +85,9 @@ local meta = redis.call('HMGET', KEYS[1], 'id', 'starts_at_ms', 'ends_at_ms',
 if not meta[1] then
   return {'not_found'}
 end
+if meta[9] then
+  RISK_KEYS = TURN_KEYS + 5  -- the turn keys come first
+end
 
 local stored = redis.call('GET', KEYS[8])
 if stored then
@@ -79,7 +99,7 @@ if stored then
 end
 
 -- switches answer here; the local admission bucket is a rate limit, so in a sale with
--- registration it answers after the registration and turn check, as the contract orders
+-- registration it answers after the registration, turn and risk checks, as the contract orders
 local limited_locally = gate == 'rate_limited' and meta[9]
 if gate ~= '' and not limited_locally then
   return {gate}
@@ -133,8 +153,23 @@ if meta[9] then
     return refusal
   end
 end
+
+-- risk rules, after switches and before rate limits (the contract's order); reads only
+local risk_on = KEYS[RISK_KEYS + 1] ~= nil
+local device = risk_on and given(RISK_ARGV + 1, '') or ''
+local risk_hits = {}
+if risk_on then
+  local refused
+  refused, risk_hits = risk_assess(
+    KEYS[RISK_KEYS + 0], KEYS[RISK_KEYS + 1], user, device, address_hash,
+    ARGV[RISK_ARGV + 0],
+    {ARGV[RISK_ARGV + 2], ARGV[RISK_ARGV + 3], ARGV[RISK_ARGV + 4], ARGV[RISK_ARGV + 5]})
+  if refused then
+    return risk_reply({'risk_refused', refused}, risk_hits)
+  end
+end
 if limited_locally then
-  return {gate}
+  return risk_reply({gate}, risk_hits)
 end
 
 -- rate limits, after idempotency and switches, before the window (the contract's order).
@@ -152,26 +187,26 @@ for _, bucket in ipairs(buckets) do
         redis.call('HINCRBY', KEYS[7], 'shadow_limited_' .. bucket[1], 1)
       else
         redis.call('HINCRBY', KEYS[7], 'rate_limited_' .. bucket[1], 1)
-        return {'rate_limited', bucket[1], retry}
+        return risk_reply({'rate_limited', bucket[1], retry}, risk_hits)
       end
     end
   end
 end
 if now_ms < starts_at_ms then
-  return {'not_started'}
+  return risk_reply({'not_started'}, risk_hits)
 end
 if now_ms >= tonumber(meta[3]) then
-  return {'ended'}
+  return risk_reply({'ended'}, risk_hits)
 end
 
 -- limit_reached wins over sold_out: a user at the limit learns why, whatever the stock
 local held = tonumber(redis.call('HGET', KEYS[3], user) or '0')
 if held + quantity > limit then
-  return {'limit_reached'}
+  return risk_reply({'limit_reached'}, risk_hits)
 end
 local available = tonumber(redis.call('GET', KEYS[2]) or '0')
 if available < quantity then
-  return {'sold_out'}
+  return risk_reply({'sold_out'}, risk_hits)
 end
 -- per SKU: its own counter; an activity from before SKUs has none and sells on the total
 local sku_key = KEYS[12]
@@ -179,14 +214,14 @@ local sku_left = nil
 if sku_key and redis.call('EXISTS', sku_key) == 1 then
   sku_left = redis.call('HGET', sku_key, sku)
   if not sku_left then
-    return {'unknown_sku'}
+    return risk_reply({'unknown_sku'}, risk_hits)
   end
   if tonumber(sku_left) < quantity then
-    return {'sold_out'}
+    return risk_reply({'sold_out'}, risk_hits)
   end
 end
 if redis.call('HEXISTS', KEYS[4], order_id) == 1 then
-  return {'collision'}
+  return risk_reply({'collision'}, risk_hits)
 end
 
 -- writes: all checks passed
@@ -220,4 +255,9 @@ redis.call('SET', KEYS[8], cmsgpack.pack({fingerprint, order_id, quantity, expir
 if turn_batch_end then
   use_turn(turn_keys, user, order_id, turn_batch_end)
 end
-return {'ok', order_id, quantity, expires_at_ms, left, sku_left or left}
+if risk_on then
+  -- kept a day past the sale's end: long enough for every check that can still buy
+  risk_record(KEYS[RISK_KEYS + 0], KEYS[RISK_KEYS + 1], user, device, address_hash,
+              tonumber(meta[3]) + 86400000)
+end
+return risk_reply({'ok', order_id, quantity, expires_at_ms, left, sku_left or left}, risk_hits)

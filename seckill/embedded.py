@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import random
 import shutil
 import signal
 import socket
@@ -43,11 +44,32 @@ class EmbeddedRedisError(RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Drawn at random below the kernel's ephemeral range: a port the kernel hands out for
+    bind(0) comes from the range where it also puts the local end of outgoing connections, so
+    between this call and the server's own bind a busy machine (a load test, a test suite)
+    could take it.
+    """
+    low = _ephemeral_low()
+    candidates = range(max(1024, low - 12_000), low)
+    for _ in range(64):
+        port = random.choice(candidates) if len(candidates) > 100 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            bound: int = sock.getsockname()[1]
+            return bound
+    raise OSError("no free TCP port found")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 class EmbeddedRedis:

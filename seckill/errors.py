@@ -26,6 +26,12 @@ class Unauthorized(SeckillError):
     status, code, default_message = 401, "unauthorized", "missing or invalid credentials"
 
 
+class RiskRefused(SeckillError):
+    """A risk rule refused the request; the message never says which (nor how to dodge it)."""
+
+    status, code, default_message = 403, "risk_refused", "this request cannot be accepted"
+
+
 class NotFound(SeckillError):
     status, code, default_message = 404, "not_found", "no such resource"
 

@@ -114,6 +114,39 @@ def reserve_keys(
     return spelled
 
 
+def risk_devices(activity_id: str, device_hash: str) -> str:
+    """Set: users who bought in the activity with one device (its keyed hash; "-": none)."""
+    return f"{_tag(activity_id)}:risk:dev:{device_hash or '-'}"
+
+
+def risk_addresses(activity_id: str) -> str:
+    """Hash keyed address hash -> orders created with that address in the activity."""
+    return f"{_tag(activity_id)}:risk:addr"
+
+
+def risk_reserve_keys(activity_id: str, device_hash: str) -> list[str]:
+    """The risk rules' KEYS of reserve_stock.lua (appended from KEYS[RISK_KEYS])."""
+    return [risk_devices(activity_id, device_hash), risk_addresses(activity_id)]
+
+
+def velocity(kind: str, subject_hash: str) -> str:
+    """Hash: attempts of one subject (user, device, ip) across activities, sliding window.
+
+    Tagged by the subject itself, not an activity: velocity spans activities, and on Redis
+    Cluster each subject's counter then sits in a slot of its own (risk_velocity.lua touches
+    only this key).
+    """
+    return f"{PREFIX}:{{rv:{kind}:{subject_hash}}}"
+
+
+# the deny list and the hits live together under one tag (admin writes, few and small)
+RISK_DENY: Final = f"{PREFIX}:{{risk}}:deny"
+RISK_DENY_EXPIRIES: Final = f"{PREFIX}:{{risk}}:deny:expiries"
+RISK_DENY_VERSION: Final = f"{PREFIX}:{{risk}}:deny:version"
+RISK_AUDIT: Final = f"{PREFIX}:{{risk}}:audit"
+RISK_HITS: Final = f"{PREFIX}:{{risk}}:hits"
+
+
 def release_keys(activity_id: str) -> list[str]:
     """KEYS of release_stock.lua, in its order."""
     return [

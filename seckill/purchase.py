@@ -1,9 +1,10 @@
 """The purchase decision: one order POST, already parsed, taken through the contract's checks.
 
 Read top to bottom it is the contract's order after the request's shape: quantity and SKU
-(400) → the gate decided in this process (switches, the local admission bucket) → the sold-out
-fast path → one atomic script that answers idempotency, switches, registration and turn, rate
-limits, window, per-user limit and stock, in that order. Knows no HTTP: the handler turns the
+(400) → what this process decides (switches, the deny list, the local admission bucket) → the
+sold-out fast path → velocity counts → one atomic script that answers idempotency, switches,
+registration and turn, risk rules, rate limits, window, per-user limit and stock, in that
+order. Knows no HTTP: the handler turns the
 Decision into a response.
 """
 
@@ -26,6 +27,7 @@ from seckill.errors import (
     Overloaded,
     Paused,
     RateLimited,
+    RiskRefused,
     SeckillError,
     SoldOut,
 )
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 _REDIS_DOWN = Overloaded("stock service unavailable, retry later", retry_after=2)
 _SOLD_OUT = SoldOut()
 _ENDED = Ended()
+_RISK_REFUSED = RiskRefused()
 # switches and limits decided in the gateway, answered by the script after idempotency
 GATES: dict[str, SeckillError] = {
     "degraded": Degraded("flash sales are switched off for now"),
@@ -58,6 +61,7 @@ _REFUSALS: dict[Outcome, SeckillError] = {
     Outcome.LIMIT_REACHED: LimitReached(),
     Outcome.SOLD_OUT: _SOLD_OUT,
     Outcome.NOT_REGISTERED: NotRegistered(),
+    Outcome.RISK_REFUSED: _RISK_REFUSED,
 }
 _TURN_MESSAGES = {
     "waiting": "your turn to buy has not come yet; GET .../queue shows where you stand",
@@ -84,36 +88,55 @@ async def decide(
     tier: str,
     order: OrderRequest,
     idempotency_key: str,
-    remote: str,
+    device: str,
+    remote: str | None,
 ) -> Decision:
     """Reserve for the caller, or say why not (the first check that fails answers)."""
     activity = entry.activity
     activity_id = activity.id
     terms = skus.with_address(skus.resolve(activity, order, tier), order.address, services.personal)
 
+    # the gateway's part of the contract's order: switches -> risk rules -> rate limits; the
+    # script answers the first that applies after the idempotency check
     switches = services.switches
     gate = switches.gate(activity_id)
     if not gate and entry.over_ceiling:
         gate = "overloaded"
+    risk = services.risk
+    screening = risk.screen_locally(risk.subject(user_id, device, remote))
     rule = services.limits.for_activity(activity_id)
-    wait = 0.0
     factor = switches.value("admission.factor")
-    if not gate:
+    if entry.sold_out_for(user_id, terms.sku_id):
+        # the storm's common case: no Redis round trip for a user who holds nothing here;
+        # the answer is still the first that applies of switches, deny list, rate limits,
+        # window, stock (velocity is not counted: this attempt can buy nothing). Registration
+        # and turns are not asked: once sold out, it is sold out for everyone holding nothing.
+        if gate:
+            return Decision(error=GATES[gate])
+        if screening.hits:
+            risk.record(activity_id, screening.subject, screening.hits)
+        if screening.refused:
+            return Decision(error=_RISK_REFUSED)
+        wait = services.limits.admit(activity_id, rule, factor)
+        if wait:
+            return Decision(limited=(wait, rule.admission_burst))
+        return Decision(error=_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT)
+
+    wait = 0.0
+    if not gate and not screening.refused:
+        try:
+            screening = await services.redis_breaker.call(lambda: risk.screen_velocity(screening))
+        except BreakerOpen:
+            return Decision(error=_REDIS_DOWN)
+    if not gate and not screening.refused:
         # the local admission bucket: no network round trip (the exact one is in Redis)
         wait = services.limits.admit(activity_id, rule, factor)
         if wait:
             gate = "rate_limited"
-    if entry.sold_out_for(user_id, terms.sku_id):
-        # the storm's common case: no Redis round trip for a user who holds nothing here;
-        # the answer is still the first that applies of switches, window, stock. (Registration
-        # and turns are not asked here: once sold out, the answer is sold_out for everyone
-        # holding nothing, registered or not.)
-        if gate == "rate_limited":
-            return Decision(limited=(wait, rule.admission_burst))
-        if gate:
-            return Decision(error=GATES[gate])
-        return Decision(error=_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT)
-
+    risk_parts = (
+        risk.script_keys(activity_id, screening),
+        risk.script_args(activity_id, screening),
+    )
     try:
         reservation = await services.redis_breaker.call(
             lambda: services.stock.reserve(
@@ -123,14 +146,20 @@ async def decide(
                 order.quantity,
                 gate,
                 rule.redis_limits(factor),
-                remote,
+                remote or "",
                 terms,
+                risk_parts,
                 fair=activity.registration,
             )
         )
     except BreakerOpen:
         # fail closed: never sell without Redis; retry once the breaker has probed again
         return Decision(error=_REDIS_DOWN)
+    if reservation.risk_hits:
+        risk.record(activity_id, screening.subject, reservation.risk_hits, terms.address_hash)
+    elif screening.hits and gate == "rate_limited" and reservation.outcome is Outcome.GATED:
+        # the local admission refused after the risk rules let it pass in shadow: still a hit
+        risk.record(activity_id, screening.subject, screening.hits)
     outcome = reservation.outcome
     if outcome is Outcome.OK:
         services.catalog.note_reserved(

@@ -34,6 +34,11 @@ def openapi_path() -> Path:
     return _first(_CHECKOUT / "docs" / "openapi.yaml", _PACKAGE / "_config" / "openapi.yaml")
 
 
+def risk_path() -> Path:
+    """The default risk rules, config/risk.toml."""
+    return _first(_CHECKOUT / "config" / "risk.toml", _PACKAGE / "_config" / "risk.toml")
+
+
 def limits_path() -> Path:
     """The default rate-limit rules, config/limits.toml."""
     return _first(_CHECKOUT / "config" / "limits.toml", _PACKAGE / "_config" / "limits.toml")

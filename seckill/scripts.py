@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
 
 from seckill import resources
 from seckill.errors import RedisUnavailable
@@ -69,6 +71,8 @@ class Scripts:
     retire_orders: Script
     unbind_payment_event: Script
     report_snapshot: Script
+    risk_velocity: Script
+    risk_deny: Script
     register: Script
     install_draw: Script
     queue_position: Script
@@ -116,6 +120,31 @@ def _inline(path: Path) -> str:
 
 
 _Call = tuple[Script, Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
+
+_PLAIN_POOLS = (ConnectionPool, BlockingConnectionPool)
+
+
+def pack_frame(script: Script, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
+    """One EVALSHA in RESP, packed in C; ValueError for an argument that is not
+    str, int, float or bytes (as redis-py refuses None and bools)."""
+    command: Any = (b"EVALSHA", script.sha, len(keys), *keys, *args)  # (its stub: 1-tuples)
+    try:
+        frame: bytes = hiredis.pack_command(command)
+        return frame
+    except TypeError as exc:
+        raise ValueError(f"{script.name}: {exc}") from None
+
+
+async def _exchange(connection: AbstractConnection, frames: bytes, count: int) -> list[Any]:
+    """Write the frames, read ``count`` replies; an error reply is kept as its exception."""
+    await connection.send_packed_command(frames, check_health=False)
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await connection.read_response())
+        except redis_errors.ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 class Coalescer:
@@ -198,10 +227,34 @@ class Coalescer:
                 future.set_result(reply)
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for script, keys, args, _ in batch:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        return await pipe.execute(raise_on_error=False)
+        pool = self._client.connection_pool
+        if type(pool) not in _PLAIN_POOLS:
+            # a cluster or sentinel client routes and retries in its own pipeline
+            pipe = self._client.pipeline(transaction=False)
+            for script, keys, args, _ in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return await pipe.execute(raise_on_error=False)
+        # one Redis node: the frames packed by hiredis (C) and written on a pooled connection.
+        # redis-py's pipeline packed each argument in Python, the largest single cost of the
+        # purchase path (~26 us of ~35 arguments per order, against ~3.5 us here).
+        frames = b"".join([pack_frame(script, keys, args) for script, keys, args, _ in batch])
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        answered = False
+        try:
+            # the client's retry policy (one immediate reconnect on a connection error: every
+            # pooled connection is stale after a Redis restart); safe because every script is
+            # idempotent under its key, as for redis-py's own pipeline
+            replies: list[Any] = await connection.retry.call_with_retry(
+                lambda: _exchange(connection, frames, len(batch)),
+                lambda _error: connection.disconnect(),
+            )
+            answered = True
+            return replies
+        finally:
+            if not answered:
+                # replies may still be on their way (cancelled mid-read): never reuse the socket
+                await connection.disconnect(nowait=True)
+            await pool.release(connection)
 
     async def close(self) -> None:
         """Wait for the pipelines in flight."""

@@ -176,7 +176,16 @@ class EdgeProtocol(RequestHandler):
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:
+            # the whole-block budget for blocks that arrived in one piece: only a chunk over
+            # the budget can hold one over it, so the common small request is not summed
+            over = self._header_bytes + len(data) > self._edge.settings.max_header_bytes
             self._header_bytes = 0
+            if over and self._headers_over_budget(self._request_count - count):
+                self._edge.refused["headers_too_large"] += 1
+                if self.transport is not None:
+                    self.transport.write(_RAW_431)
+                self.force_close()
+                return
             if self._messages:
                 last = self._messages[-1][1]
                 self._last_payload = last if isinstance(last, StreamReader) else None
@@ -190,6 +199,16 @@ class EdgeProtocol(RequestHandler):
                 if self.transport is not None:
                     self.transport.write(_RAW_431)
                 self.force_close()
+
+    def _headers_over_budget(self, new: int) -> bool:
+        """Whether one of the ``new`` requests just parsed has a header block over the budget."""
+        budget = self._edge.settings.max_header_bytes
+        messages = list(self._messages)[-new:] if new > 0 else []
+        for message, _ in messages:
+            fields = getattr(message, "raw_headers", ())  # (a malformed one is refused anyway)
+            if sum(len(name) + len(value) + 4 for name, value in fields) > budget:
+                return True
+        return False
 
     def handle_error(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 import re
@@ -133,6 +134,12 @@ class LimitsSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RiskSettings:
+    rules_path: str
+    hash_key: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class UpstreamsSettings:
     reviews_url: str
     recommendations_url: str
@@ -161,6 +168,7 @@ class Settings:
     sweeper: SweeperSettings
     protection: ProtectionSettings
     limits: LimitsSettings
+    risk: RiskSettings
     upstreams: UpstreamsSettings
     retirer: RetirerSettings
     data: DataSettings
@@ -331,6 +339,7 @@ def _check(settings: Settings) -> None:
         "limits.gateway_processes",
         "must be 1..100000",
     )
+    need(_risk_key_ok(s.risk.hash_key), "risk.hash_key", "must be base64 of at least 16 bytes")
     need(s.protection.redis_fail_max >= 1, "protection.redis_fail_max", "must be >= 1")
     need(
         s.protection.redis_reset_timeout_s > 0,
@@ -354,6 +363,15 @@ def _check(settings: Settings) -> None:
 
     data_problem = settings_problem(s.data.keys, s.data.cipher, s.data.hash_key)
     need(data_problem is None, *(data_problem or ("data.keys", "")))
+
+
+def _risk_key_ok(text: str) -> bool:
+    if not text:
+        return True
+    try:
+        return len(base64.b64decode(text, validate=True)) >= 16
+    except ValueError:
+        return False
 
 
 def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

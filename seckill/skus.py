@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from seckill.activities import Activity
 from seckill.errors import InvalidRequest
@@ -19,9 +19,12 @@ from seckill.personal import Address, Sealer, parse_address
 _BODY_FIELDS = frozenset({"quantity", "sku_id", "address"})
 
 
-@dataclass(frozen=True, slots=True)
-class OrderRequest:
-    """An order POST body, validated for shape (before the activity is looked up)."""
+class OrderRequest(NamedTuple):
+    """An order POST body, validated for shape (before the activity is looked up).
+
+    A NamedTuple, not a frozen dataclass: one is built per order POST, the storm's hot path,
+    and a frozen dataclass pays an ``object.__setattr__`` per field.
+    """
 
     quantity: int
     sku_id: str | None = None
@@ -32,9 +35,8 @@ class OrderRequest:
         """InvalidRequest names the first bad field (never an address value)."""
         if not isinstance(body, dict):
             raise InvalidRequest("body must be a JSON object")
-        unknown = sorted(set(body) - _BODY_FIELDS)
-        if unknown:
-            raise InvalidRequest(f"unknown field: {unknown[0]}")
+        if not body.keys() <= _BODY_FIELDS:
+            raise InvalidRequest(f"unknown field: {sorted(set(body) - _BODY_FIELDS)[0]}")
         if "quantity" not in body:
             raise InvalidRequest("missing field: quantity")
         quantity = body["quantity"]
@@ -76,20 +78,38 @@ class OrderTerms:
         ]
 
 
+# (activity version, sku id asked for, effective tier) -> terms: the same few per sale, and
+# building them per order POST was a measurable share of the sold-out path
+_RESOLVED: dict[tuple[str, str | None, str], OrderTerms] = {}
+_RESOLVED_MAX = 4096
+
+
 def resolve(activity: Activity, order: OrderRequest, tier: str) -> OrderTerms:
     """The buyer's terms; InvalidRequest for an unknown or missing SKU, quantity or address."""
-    sku = activity.sku(order.sku_id)
-    terms = activity.terms(tier)
+    listed_tier = tier if tier in activity.tiers else ""
+    key = (activity.version, order.sku_id, listed_tier)
+    terms = _RESOLVED.get(key)
+    if terms is None:
+        terms = _terms(activity, order.sku_id, listed_tier)
+        if len(_RESOLVED) >= _RESOLVED_MAX:
+            _RESOLVED.clear()
+        _RESOLVED[key] = terms
     if order.quantity > terms.per_user_limit:
         raise InvalidRequest(f"quantity must be at most {terms.per_user_limit}")
     if activity.requires_address and order.address is None:
         raise InvalidRequest("this activity ships: address is required")
+    return terms
+
+
+def _terms(activity: Activity, sku_id: str | None, tier: str) -> OrderTerms:
+    sku = activity.sku(sku_id)
+    terms = activity.terms(tier)
     return OrderTerms(
         sku_id=sku.sku_id,
         starts_at_ms=terms.starts_at_ms,
         per_user_limit=terms.per_user_limit,
         price_cents=sku.price_cents if terms.price_cents is None else terms.price_cents,
-        tier=tier if tier in activity.tiers else "",
+        tier=tier,
         version=activity.version,
         fingerprint_sku=sku.sku_id if activity.skus else "",
     )

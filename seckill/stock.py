@@ -7,7 +7,7 @@ import enum
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ class Outcome(enum.Enum):
     LIMIT_REACHED = "limit_reached"
     SOLD_OUT = "sold_out"
     UNKNOWN_SKU = "unknown_sku"
+    RISK_REFUSED = "risk_refused"
     STALE = "stale"  # the gateway's cached definition is not Redis's: re-read it
     NOT_REGISTERED = "not_registered"
     NOT_YOUR_TURN = "not_your_turn"  # retry_after_ms says when to look again, turn says why
@@ -74,6 +75,8 @@ class Reservation:
     gate: str = ""
     retry_after_ms: int = 0
     sku_left: int | None = None  # what is left of the order's SKU
+    # risk rules that hit ((rule, "enforce" | "shadow"), shadow ones included)
+    risk_hits: tuple[tuple[str, str], ...] = ()
     turn: str = ""  # not_your_turn: waiting, passed or used
 
 
@@ -105,6 +108,9 @@ _PAYMENTS = {p.value.encode(): p for p in Payment}
 PAYMENT_EVENT_TTL_S = 30 * 86_400
 # states an order leaves Redis in (it never comes back from them)
 TERMINAL = frozenset({"paid", "cancelled", "expired"})
+
+# reserve_stock.lua's RISK_ARGV: where the risk rules' arguments start
+_RISK_ARGV = 22
 
 RetiredLookup = Callable[[str], Awaitable[OrderRecord | None]]
 
@@ -151,6 +157,13 @@ def fingerprint(quantity: int, sku_id: str = "", address_hash: str = "") -> str:
     return text
 
 
+def _risk_hits(tail: Any) -> tuple[tuple[str, str], ...]:
+    """The script's trailing {"risk", "<rule>:<mode>", ...} as (rule, mode) pairs."""
+    return tuple(
+        (rule, mode) for rule, _, mode in (item.decode().partition(":") for item in tail[1:])
+    )
+
+
 class Stock:
     """The purchase path's view of Redis."""
 
@@ -172,13 +185,18 @@ class Stock:
         limits: Limits = NO_LIMITS,
         ip: str = "",
         terms: OrderTerms | None = None,
+        risk: tuple[Sequence[str], Sequence[str | int]] | None = None,
         fair: bool = False,
     ) -> Reservation:
         """Pre-lock ``quantity`` for the user and queue the order, or say why not.
 
-        ``fair``: the activity takes registrations (its turn keys are passed to the script).
+        ``risk``: the risk rules' (KEYS, ARGV), appended at reserve_stock.lua's RISK_KEYS and
+        RISK_ARGV. ``fair``: the activity takes registrations (its turn keys go first, at
+        TURN_KEYS).
         """
         script_keys = keys.reserve_keys(activity_id, user_id, idempotency_key, ip, fair)
+        if risk is not None:
+            script_keys += risk[0]
         # a random id colliding with a live order is all but impossible; a fresh one is safe
         body = (
             fingerprint(quantity, terms.fingerprint_sku, terms.address_hash)
@@ -205,18 +223,27 @@ class Stock:
             ]
             if terms is not None:
                 args += terms.script_args(order_id)
+            if risk is not None:
+                args += [""] * (_RISK_ARGV - 1 - len(args))  # ARGV[14..21] at their defaults
+                args += risk[1]
             with _refused_when_full():
                 reply = await self._coalescer.call(self._scripts.reserve_stock, script_keys, args)
+            hits: tuple[tuple[str, str], ...] = ()
+            if isinstance(reply[-1], list) and reply[-1][:1] == [b"risk"]:
+                hits = _risk_hits(reply[-1])
+                reply = reply[:-1]
             code = reply[0]
             if code == b"collision":
                 continue
             if code == b"rate_limited":
                 # {"rate_limited", scope, ms} from a Redis bucket; {"rate_limited"} as a gate
                 retry_ms = int(reply[2]) if len(reply) > 2 else 0
-                return Reservation(Outcome.GATED, gate="rate_limited", retry_after_ms=retry_ms)
+                return Reservation(
+                    Outcome.GATED, gate="rate_limited", retry_after_ms=retry_ms, risk_hits=hits
+                )
             outcome = _OUTCOMES.get(code)
             if outcome is None:
-                return Reservation(Outcome.GATED, gate=code.decode())
+                return Reservation(Outcome.GATED, gate=code.decode(), risk_hits=hits)
             if outcome is Outcome.OK:
                 return Reservation(
                     outcome,
@@ -225,12 +252,13 @@ class Stock:
                     int(reply[3]),
                     int(reply[4]),
                     sku_left=int(reply[5]) if len(reply) > 5 else None,
+                    risk_hits=hits,
                 )
             if outcome is Outcome.REPLAY:
                 return Reservation(outcome, reply[1].decode(), int(reply[2]), int(reply[3]))
             if outcome in (Outcome.NOT_YOUR_TURN, Outcome.UNDRAWN):
                 return Reservation(outcome, retry_after_ms=int(reply[1]), turn=reply[2].decode())
-            return Reservation(outcome)
+            return Reservation(outcome, risk_hits=hits)
         raise RuntimeError("order id collided three times")  # pragma: no cover
 
     async def release(self, order_id: str, cause: str, owner: str = "") -> Release:

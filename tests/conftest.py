@@ -46,6 +46,8 @@ def settings(redis_url: str, tmp_path: Path) -> Settings:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
     loaded = settings_module.load(environ=env)
     loaded = loaded.replace("redis", url=redis_url)
+    # risk rules off unless a test asks for them (tests/web/test_risk.py)
+    loaded = loaded.replace("risk", rules_path=str(Path(__file__).with_name("risk_off.toml")))
     return loaded.replace("server", var_dir=str(tmp_path / "var"))
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import redis
 
 from seckill.auth import UserAuth
 from seckill.settings import Settings
@@ -52,3 +56,22 @@ def loops_alive(sync_redis: Any) -> None:
 
     for loop in ("writer", "sweeper"):
         sync_redis.set(keys.heartbeat(loop), "test", ex=300)
+
+
+@contextlib.contextmanager
+def redis_commands(sync_redis: redis.Redis) -> Iterator[list[list[bytes]]]:
+    """Every command Redis ran inside the block (the slow log at a 0 us threshold), whoever
+    sent it: a test then asserts on the commands that name its own keys, never on counts of
+    the whole server (background loops of any process share this Redis)."""
+    seen: list[list[bytes]] = []
+    old = sync_redis.config_get("slowlog-*")
+    sync_redis.config_set("slowlog-max-len", 1_000_000)
+    sync_redis.config_set("slowlog-log-slower-than", 0)
+    sync_redis.slowlog_reset()
+    try:
+        yield seen
+    finally:
+        entries = sync_redis.slowlog_get(1_000_000)
+        for name, value in old.items():
+            sync_redis.config_set(name, value)
+        seen.extend([list(entry["command"].split()) for entry in entries])

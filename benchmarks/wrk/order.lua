@@ -1,11 +1,13 @@
 -- wrk script: POST an order with a different user token and Idempotency-Key each request.
 -- Environment: SECKILL_TOKENS (file of "Bearer <jwt>" lines), SECKILL_PATH (order URL path),
--- SECKILL_BODY (optional: the order body, default {"quantity": 1}).
+-- SECKILL_BODY (optional: the order body, default {"quantity": 1}), SECKILL_DEVICES ("1": an
+-- X-Device-Id per token, as a mini program sends it).
 local tokens = {}
 local counter = 0
 local thread_id = 0
 local path = os.getenv("SECKILL_PATH")
 local body = os.getenv("SECKILL_BODY") or '{"quantity": 1}'
+local devices = os.getenv("SECKILL_DEVICES") == "1"
 
 function setup(thread)
   thread_id = thread_id + 1
@@ -26,6 +28,9 @@ function request()
     ["Idempotency-Key"] = "bench-" .. counter,
     ["Content-Type"] = "application/json",
   }
+  if devices then
+    headers["X-Device-Id"] = "dev-" .. (counter % #tokens)
+  end
   return wrk.format("POST", path, headers, body)
 end
 

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from seckill import clock, keys, report
 from seckill.activities import Activity
+from seckill.denylist import deny_body
 from seckill.errors import InvalidRequest, NotFound, Overloaded, RedisUnavailable
 from seckill.orders import deadletters
 from seckill.orders.store import StoreUnavailable
@@ -130,3 +131,80 @@ async def flags_audit(request: web.Request) -> web.Response:
     except CONNECTION_ERRORS as exc:
         raise RedisUnavailable() from exc
     return web.json_response({"entries": entries})
+
+
+@routes.put("/admin/v1/risk/deny/{kind}/{value:.+}", name="admin_risk_deny_put")
+async def put_deny(request: web.Request) -> web.Response:
+    """Deny a user, device or IP (for ttl_s seconds, or until deleted); audited."""
+    services = request.app[SERVICES]
+    services.admin.check(request.headers.get("Authorization"))
+    raw = await read_limited(request, services.settings.server.max_body_bytes)
+    ttl_s, reason = deny_body(parse_json(raw) if raw.strip() else {})
+    deny = services.risk.deny
+    kind, value = request.match_info["kind"], request.match_info["value"]
+    deny.member(kind, value)  # a bad kind or value is refused before Redis is asked
+    try:
+        answer = await deny.put(kind, value, ttl_s, reason, _who(request))
+    except CONNECTION_ERRORS as exc:
+        raise RedisUnavailable() from exc
+    return web.json_response(answer)
+
+
+@routes.delete("/admin/v1/risk/deny/{kind}/{value:.+}", name="admin_risk_deny_delete")
+async def delete_deny(request: web.Request) -> web.Response:
+    """Take a user, device or IP off the deny list; audited."""
+    services = request.app[SERVICES]
+    services.admin.check(request.headers.get("Authorization"))
+    deny = services.risk.deny
+    kind, value = request.match_info["kind"], request.match_info["value"]
+    deny.member(kind, value)
+    try:
+        answer = await deny.delete(kind, value, _who(request))
+    except CONNECTION_ERRORS as exc:
+        raise RedisUnavailable() from exc
+    return web.json_response(answer)
+
+
+@routes.get("/admin/v1/risk/deny", name="admin_risk_deny_list")
+async def list_deny(request: web.Request) -> web.Response:
+    """Entries of the deny list in force, most recent first (?limit=, at most 1000)."""
+    services = request.app[SERVICES]
+    services.admin.check(request.headers.get("Authorization"))
+    limit = _page_limit(request)
+    try:
+        entries = await services.risk.deny.listing(limit)
+    except CONNECTION_ERRORS as exc:
+        raise RedisUnavailable() from exc
+    return web.json_response({"entries": entries})
+
+
+@routes.get("/admin/v1/risk/audit", name="admin_risk_audit")
+async def risk_audit(request: web.Request) -> web.Response:
+    """The most recent deny-list changes, newest first (?limit=, at most 1000)."""
+    services = request.app[SERVICES]
+    services.admin.check(request.headers.get("Authorization"))
+    limit = _page_limit(request)
+    try:
+        entries = await services.risk.deny.audit(limit)
+    except CONNECTION_ERRORS as exc:
+        raise RedisUnavailable() from exc
+    return web.json_response({"entries": entries})
+
+
+@routes.get("/admin/v1/risk/hits", name="admin_risk_hits")
+async def risk_hits(request: web.Request) -> web.Response:
+    """Recent risk-rule hits, newest first (?limit=, at most 1000), and the counts by rule."""
+    services = request.app[SERVICES]
+    services.admin.check(request.headers.get("Authorization"))
+    limit = _page_limit(request)
+    hits = services.risk.hits
+    try:
+        await hits.flush()  # this process's latest hits too
+        recent = await hits.recent(limit)
+    except CONNECTION_ERRORS as exc:
+        raise RedisUnavailable() from exc
+    return web.json_response({"hits": recent})
+
+
+def _who(request: web.Request) -> str:
+    return f"admin-api:{request.remote or 'unknown'}"

@@ -21,6 +21,7 @@ from seckill import resources
 from seckill.auth import AdminAuth, PaymentSignature, UserAuth
 from seckill.breakers import STATES, AsyncBreaker
 from seckill.catalog import Catalog
+from seckill.denylist import DenyList
 from seckill.errors import RedisUnavailable
 from seckill.events import Events
 from seckill.limits import Rules
@@ -28,6 +29,7 @@ from seckill.lottery import Lottery
 from seckill.metrics import Metrics, Shared
 from seckill.orders.store import StoreUnavailable, open_store
 from seckill.personal import Sealer
+from seckill.risk import Hashing, HitLog, Risk, RulesFile, hash_key
 from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
@@ -90,7 +92,16 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     """Events listener, catalog refresh, flag resync: closed and awaited (bounded) at exit."""
     services = app[SERVICES]
-    loops: tuple[Any, ...] = (services.events, services.catalog, services.switches, services.limits)
+    risk = services.risk
+    loops: tuple[Any, ...] = (
+        services.events,
+        services.catalog,
+        services.switches,
+        services.limits,
+        risk.file,
+        risk.deny,
+        risk.hits,
+    )
     if services.shared_metrics is not None:
         loops = (*loops, services.shared_metrics)
     tasks = [asyncio.create_task(loop.run()) for loop in loops]
@@ -237,10 +248,47 @@ def create_app(settings: Settings) -> web.Application:
         ["activity", "scope", "mode"],
         lambda: {(a, s, m): float(n) for (a, s, m), n in limits.refused.items()},
     )
+    hashing = Hashing(hash_key(settings.risk.hash_key, settings.jwt.secret))
+    deny = DenyList(
+        client, scripts, hashing.hash, resync_interval_s=settings.purchase.refresh_interval_s
+    )
+    deny.listen(events)
+    risk = Risk(
+        scripts,
+        coalescer,
+        RulesFile(
+            Path(settings.risk.rules_path) if settings.risk.rules_path else resources.risk_path()
+        ),
+        hashing,
+        deny,
+        HitLog(client),
+    )
+    metrics.readings.add(
+        "seckill_risk_hits_total",
+        "Requests a risk rule refused (mode enforced) or would have (mode shadow)",
+        "counter",
+        ["rule", "mode"],
+        lambda: {(r, m): float(n) for (r, m), n in risk.hits.counts.items()},
+    )
+    metrics.readings.add(
+        "seckill_risk_hits_unlisted_total",
+        "Risk hits counted but left out of the hits listing (a storm, or Redis away)",
+        "counter",
+        [],
+        lambda: {(): float(risk.hits.dropped)},
+    )
+    metrics.readings.add(
+        "seckill_risk_reload_errors_total",
+        "Risk rule files refused (the previous rules stayed in force)",
+        "counter",
+        [],
+        lambda: {(): float(risk.file.reload_errors)},
+    )
     services = Services(
         settings=settings,
         upstreams=upstreams,
         limits=limits,
+        risk=risk,
         redis_breaker=redis_breaker,
         switches=switches,
         events=events,

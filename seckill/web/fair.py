@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from aiohttp import web
@@ -23,11 +22,11 @@ from seckill.scripts import CONNECTION_ERRORS
 from seckill.turns import Registration
 from seckill.web.bodies import parse_json, read_limited
 from seckill.web.middlewares import refusal
+from seckill.web.public import device_id
 from seckill.web.state import SERVICES, Services
 
 routes = web.RouteTableDef()
 
-DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ALGORITHM = (
     "order registrants by HMAC-SHA256(key=seed as 64 ASCII hex characters, message=user id "
     "UTF-8), ascending bytes, ties by user id; position 1 first; commitment = "
@@ -43,16 +42,6 @@ async def _entry(services: Services, activity_id: str) -> Entry:
     if entry is None:
         raise NotFound("no such activity")
     return entry
-
-
-def device_id(request: web.Request) -> str:
-    """The optional X-Device-Id ("" when absent); InvalidRequest when malformed."""
-    value = request.headers.get("X-Device-Id")
-    if value is None:
-        return ""
-    if not DEVICE_ID_PATTERN.fullmatch(value):
-        raise InvalidRequest("X-Device-Id header must be 1-64 characters of [A-Za-z0-9_-]")
-    return value
 
 
 @routes.post("/api/v1/activities/{activity_id}/registration", name="registration")

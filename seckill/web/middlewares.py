@@ -10,9 +10,8 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from seckill.errors import HeadersTooLarge, Overloaded, SeckillError
-from seckill.metrics import Metrics
-from seckill.web.bodies import COUNTED
+from seckill.errors import Overloaded, SeckillError
+from seckill.web.bodies import COUNTED, UNCOUNTED
 from seckill.web.state import SERVICES
 
 log = logging.getLogger(__name__)
@@ -23,7 +22,6 @@ _last_traceback: dict[str, float] = {}
 
 _NEVER_SHED = frozenset({"/healthz", "/readyz", "/metrics"})
 _SHED = Overloaded("too many requests in flight, retry later", retry_after=1)
-_HEADERS_TOO_LARGE = HeadersTooLarge("request headers too large")
 
 # set on a returned (not raised) error response so the outcome is counted by its code
 OUTCOME: web.ResponseKey[str] = web.ResponseKey("seckill.outcome", str)
@@ -80,59 +78,47 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         services.shed += 1
         services.metrics.count(request.match_info.route.name or "unmatched", "shed")
         return refusal(_SHED)
-    # the header budget in total; the edge protocol enforces it on blocks still arriving, this
-    # on a block that arrived whole (under aiohttp's per-field and per-count limits)
-    budget = services.settings.server.max_header_bytes
-    if sum(len(name) + len(value) + 4 for name, value in request.raw_headers) > budget:
-        services.metrics.count(request.match_info.route.name or "unmatched", "headers_too_large")
-        refused = refusal(_HEADERS_TOO_LARGE)
-        refused.force_close()
-        return refused
-    # a request with a body counts in flight only once its body is in (web/bodies.py)
-    counted = not request.body_exists
+    # a request counts in flight once its body is in (no body, or it came with the headers);
+    # one still receiving its body is counted by read_limited when it arrives (web/bodies.py)
+    counted = request.content.is_eof()
     if counted:
         services.in_flight += 1
-    started = time.perf_counter()
-    try:
-        response = await _answer(request, handler, services.metrics)
-    finally:
-        if counted or request.get(COUNTED, False):
-            services.in_flight -= 1
-        services.metrics.latencies.observe(
-            request.match_info.route.name or "unmatched", time.perf_counter() - started
-        )
-    if services.draining or response.status == 408:
-        response.force_close()  # 408: the rest of that body is not worth waiting for
-    return response
-
-
-async def _answer(request: web.Request, handler: Handler, metrics: Metrics) -> web.StreamResponse:
+    else:
+        request[UNCOUNTED] = True
+    metrics = services.metrics
     route = request.match_info.route.name or "unmatched"
+    started = time.perf_counter()
+    # the handler is awaited here, not in a helper coroutine: one frame less per request
     try:
         response = await handler(request)
+        metrics.count(route, response.get(OUTCOME, "ok"))
     except SeckillError as exc:
         metrics.count(route, exc.code)
-        return error_response(exc.status, exc.code, exc.message, exc.retry_after)
+        response = error_response(exc.status, exc.code, exc.message, exc.retry_after)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "invalid_request" if exc.status < 500 else "internal")
         metrics.count(route, code)
-        answer = error_response(exc.status, code, exc.reason)
+        response = error_response(exc.status, code, exc.reason)
         if exc.status == 405 and "Allow" in exc.headers:
-            answer.headers["Allow"] = exc.headers["Allow"]
-        return answer
+            response.headers["Allow"] = exc.headers["Allow"]
     except (ConnectionResetError, asyncio.CancelledError) as exc:
         # the client went away mid-request (a dropped upload): not our failure, not an error
         metrics.count(route, "client_closed")
         if isinstance(exc, asyncio.CancelledError):
             raise
-        return error_response(400, "client_closed", "client closed the connection")
+        response = error_response(400, "client_closed", "client closed the connection")
     except Exception as exc:
         _log_unexpected(request, route, exc)
         metrics.count(route, "internal")
-        return error_response(500, "internal", "internal error")
-    metrics.count(route, response.get(OUTCOME, "ok"))
+        response = error_response(500, "internal", "internal error")
+    finally:
+        if counted or request.get(COUNTED, False):
+            services.in_flight -= 1
+        metrics.latencies.observe(route, time.perf_counter() - started)
+    if services.draining or response.status == 408:
+        response.force_close()  # 408: the rest of that body is not worth waiting for
     return response
 
 

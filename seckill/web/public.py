@@ -21,8 +21,8 @@ from seckill.orders.record import OrderRecord
 from seckill.orders.store import StoreUnavailable
 from seckill.skus import OrderRequest
 from seckill.stock import Outcome, Payment, Release, payment_hash
-from seckill.web.bodies import parse_json, read_limited
-from seckill.web.middlewares import refusal
+from seckill.web.bodies import body_now, parse_json, read_limited
+from seckill.web.middlewares import OUTCOME, refusal
 from seckill.web.state import SERVICES, Services
 
 routes = web.RouteTableDef()
@@ -55,6 +55,7 @@ def _order_accepted(
         status=202,
     )
     response.headers["Location"] = f"/api/v1/orders/{order_id}"
+    response[OUTCOME] = "ok"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
@@ -69,24 +70,41 @@ def _rate_limited(wait_s: float, burst: float) -> web.Response:
     return response
 
 
+def device_id(request: web.Request) -> str:
+    """The optional X-Device-Id ("" when absent); InvalidRequest when malformed."""
+    device = request.headers.get("X-Device-Id")
+    if device is None:
+        return ""
+    if not keys.IDEMPOTENCY_KEY_PATTERN.fullmatch(device):
+        raise InvalidRequest("X-Device-Id header must be 1-64 characters of [A-Za-z0-9_-]")
+    return device
+
+
 @routes.post("/api/v1/activities/{activity_id}/orders", name="order_create")
 async def create_order(request: web.Request) -> web.Response:
     """Reserve stock for the caller: the request's shape here, the decision in purchase.py."""
     services = request.app[SERVICES]
     user_id, tier = services.users.user(request.headers.get("Authorization"))
-    raw = await read_limited(request, services.settings.server.max_body_bytes)
+    limit = services.settings.server.max_body_bytes
+    raw = body_now(request, limit)
+    if raw is None:  # still arriving: wait for it under the body deadline
+        raw = await read_limited(request, limit)
     order = OrderRequest.parse(parse_json(raw))
     idempotency_key = request.headers.get("Idempotency-Key", "")
     if not keys.IDEMPOTENCY_KEY_PATTERN.fullmatch(idempotency_key):
         raise InvalidRequest("Idempotency-Key header must be 1-64 characters of [A-Za-z0-9_-]")
-    entry = await _entry(services, request.match_info["activity_id"])
+    device = device_id(request)
+
+    activity_id = request.match_info["activity_id"]
+    # cached (the storm's case): no coroutine, no id check (only valid ids are ever cached)
+    entry = services.catalog.entries().get(activity_id) or await _entry(services, activity_id)
     decision = await purchase.decide(
-        services, entry, user_id, tier, order, idempotency_key, request.remote or ""
+        services, entry, user_id, tier, order, idempotency_key, device, request.remote
     )
     reservation = decision.reservation
     if reservation is not None:
         return _order_accepted(
-            entry.activity.id,
+            activity_id,
             reservation.order_id,
             reservation.quantity,
             reservation.expires_at_ms,

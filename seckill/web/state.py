@@ -20,6 +20,7 @@ from seckill.lottery import Lottery
 from seckill.metrics import Metrics, Shared
 from seckill.orders.store import OrderStore
 from seckill.personal import Sealer
+from seckill.risk import Risk
 from seckill.scripts import Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
@@ -39,6 +40,7 @@ class Services:
     events: Events
     redis_breaker: AsyncBreaker
     limits: Rules
+    risk: Risk
     upstreams: dict[str, Upstream]
     users: UserAuth
     admin: AdminAuth

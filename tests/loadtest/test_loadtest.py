@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "loadtest"))
 
-from verdict import judge  # noqa: E402
+from verdict import Fairness, judge  # noqa: E402
 
 GOOD: dict[str, Any] = {
     "initial_stock": 10,
@@ -56,19 +56,48 @@ def test_more_202s_than_the_gateway_counted_fails() -> None:
     assert not judge(GOOD, {f"o{n}" for n in range(13)}).passed
 
 
-def _run(out: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
+FAIR = Fairness(shoppers=1000, bots=20, shopper_wins=100, bot_wins=1, shoppers_refused=2)
+
+
+def test_a_fair_sale_passes() -> None:
+    assert judge(GOOD, set(), FAIR).passed
+    assert FAIR.ratio == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("fairness", "reason"),
+    [
+        (Fairness(1000, 20, 100, 3, 0), "UNFAIR"),  # 0.15 per bot vs 0.10 per shopper
+        (Fairness(1000, 20, 0, 1, 0), "UNFAIR"),  # only bots won
+        (Fairness(1000, 20, 100, 0, 6), "refused 6 shoppers"),  # 0.6% false positives
+    ],
+)
+def test_an_unfair_sale_fails(fairness: Fairness, reason: str) -> None:
+    verdict = judge(GOOD, set(), fairness)
+    assert not verdict.passed
+    assert any(reason in r for r in verdict.reasons), verdict.reasons
+
+
+def test_the_fairness_bar_is_exactly_one_to_one() -> None:
+    assert judge(GOOD, set(), Fairness(1000, 20, 100, 2, 5)).passed  # 0.1 vs 0.1, 0.5%
+    assert not judge(GOOD, set(), Fairness(1000, 20, 100, 2, 5), max_ratio=0.99).passed
+
+
+def _run(
+    out: Path, *extra: str, users: int = 200, stock: int = 40, duration: int = 6
+) -> tuple[int, dict[str, Any], str]:
     done = subprocess.run(
         [
             sys.executable,
             str(ROOT / "loadtest" / "run.py"),
             "--users",
-            "200",
+            str(users),
             "--spawn-rate",
-            "200",
+            str(min(users, 1000)),
             "--duration",
-            "6",
+            str(duration),
             "--stock",
-            "40",
+            str(stock),
             "--payment-timeout",
             "2",
             "--out",
@@ -104,3 +133,25 @@ def test_a_small_real_sale_passes_and_a_broken_one_fails(tmp_path: Path) -> None
     assert code == 1, output[-3000:]
     assert "VERDICT: FAIL" in output
     assert not verdict["passed"]
+
+
+def test_risk_rules_make_a_small_sale_fair_and_without_them_it_fails(tmp_path: Path) -> None:
+    """2,000 users (about 40 of them a bot farm's accounts) against 150 units: with the shipped
+    config/risk.toml bots win no more often per head than shoppers and no shopper is refused;
+    with every rule off the verdict is FAIL, and it says why."""
+    code, verdict, output = _run(tmp_path / "on", users=2000, stock=150, duration=8)
+    assert code == 0, output[-3000:]
+    fairness = verdict["fairness"]
+    assert fairness["bots"] > 0 and fairness["shoppers"] > 0
+    assert fairness["ratio"] <= 1.0
+    assert fairness["shoppers_refused_share"] <= 0.005
+    assert fairness["bots_refused"] > 0, "the rules were what stopped the bots"
+    assert verdict["report"]["consistent"]
+
+    code, verdict, output = _run(
+        tmp_path / "off", "--risk", "off", users=2000, stock=150, duration=8
+    )
+    assert code == 1, output[-3000:]
+    assert any("UNFAIR" in reason for reason in verdict["reasons"]), verdict["reasons"]
+    assert verdict["fairness"]["bots_refused"] == 0
+    assert verdict["report"]["consistent"], "unfair, yet every invariant held"
