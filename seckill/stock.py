@@ -157,7 +157,7 @@ def fingerprint(quantity: int, sku_id: str = "", address_hash: str = "") -> str:
     return text
 
 
-def _risk_hits(tail: Any) -> tuple[tuple[str, str], ...]:
+def risk_hits(tail: Any) -> tuple[tuple[str, str], ...]:
     """The script's trailing {"risk", "<rule>:<mode>", ...} as (rule, mode) pairs."""
     return tuple(
         (rule, mode) for rule, _, mode in (item.decode().partition(":") for item in tail[1:])
@@ -230,7 +230,7 @@ class Stock:
                 reply = await self._coalescer.call(self._scripts.reserve_stock, script_keys, args)
             hits: tuple[tuple[str, str], ...] = ()
             if isinstance(reply[-1], list) and reply[-1][:1] == [b"risk"]:
-                hits = _risk_hits(reply[-1])
+                hits = risk_hits(reply[-1])
                 reply = reply[:-1]
             code = reply[0]
             if code == b"collision":

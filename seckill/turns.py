@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ from redis.asyncio import Redis
 
 from seckill import keys
 from seckill.scripts import Scripts
+from seckill.stock import risk_hits
 
 
 class Registration(enum.Enum):
@@ -18,6 +20,7 @@ class Registration(enum.Enum):
     CREATED = "created"
     REGISTERED = "registered"  # already registered: the idempotent repeat
     CLOSED = "closed"
+    RISK_REFUSED = "risk_refused"
     NOT_FOUND = "not_found"
 
 
@@ -26,6 +29,8 @@ class Registered:
     outcome: Registration
     seq: int = 0  # 1 for the first registrant
     device_accounts: int = 0  # accounts registered with this device id (0: none given)
+    # risk rules that hit ((rule, "enforce" | "shadow"), shadow ones included)
+    risk_hits: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,17 +53,34 @@ class Turns:
         self._client = client
         self._scripts = scripts
 
-    async def register(self, activity_id: str, user_id: str, device_id: str = "") -> Registered:
-        """Register the user once (atomic: the registrant hash, order list and device count)."""
-        reply = await self._scripts.register(
-            self._client, keys.register_keys(activity_id), [user_id, device_id]
-        )
+    async def register(
+        self,
+        activity_id: str,
+        user_id: str,
+        device: str = "",
+        risk: tuple[Sequence[str], Sequence[str | int]] | None = None,
+    ) -> Registered:
+        """Register the user once (atomic: the registrant hash, order list and device count).
+
+        ``device``: the device id as the gateway keeps it (a keyed hash); ``risk``: the risk
+        rules' (KEYS, ARGV), appended at register.lua's RISK_KEYS and RISK_ARGV.
+        """
+        script_keys = keys.register_keys(activity_id)
+        args: list[str | int] = [user_id, device]
+        if risk is not None:
+            script_keys += risk[0]
+            args += risk[1]
+        reply: Any = await self._scripts.register(self._client, script_keys, args)
+        hits: tuple[tuple[str, str], ...] = ()
+        if isinstance(reply[-1], list) and reply[-1][:1] == [b"risk"]:
+            hits = risk_hits(reply[-1])
+            reply = reply[:-1]
         outcome = Registration(reply[0].decode())
         if outcome is Registration.CREATED:
-            return Registered(outcome, int(reply[1]), int(reply[2]))
+            return Registered(outcome, int(reply[1]), int(reply[2]), hits)
         if outcome is Registration.REGISTERED:
             return Registered(outcome, int(reply[1]))
-        return Registered(outcome)
+        return Registered(outcome, risk_hits=hits)
 
     async def standing(self, activity_id: str, user_id: str) -> Standing | None:
         """The user's place in the sale, or None for an unknown activity."""

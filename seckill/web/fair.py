@@ -15,6 +15,7 @@ from seckill.errors import (
     RateLimited,
     RedisUnavailable,
     RegistrationClosed,
+    RiskRefused,
 )
 from seckill.limits import retry_after_s
 from seckill.lottery import Lottery
@@ -59,10 +60,26 @@ async def register(request: web.Request) -> web.Response:
     device = device_id(request)
     entry = await _entry(services, request.match_info["activity_id"])
     activity = entry.activity
+    # risk rules apply as on the purchase: deny list and velocity here, accounts per device in
+    # register.lua's atomic step (the device is kept as its keyed hash only)
+    risk = services.risk
     try:
-        registered = await services.turns.register(activity.id, user_id, device)
+        screening = await risk.screen(user_id, device, request.remote)
+        if screening.refused:
+            risk.record(activity.id, screening.subject, screening.hits)
+            raise RiskRefused()
+        registered = await services.turns.register(
+            activity.id,
+            user_id,
+            screening.subject.device,
+            (risk.script_keys(activity.id, screening), risk.script_args(activity.id, screening)),
+        )
     except CONNECTION_ERRORS as exc:
         raise RedisUnavailable() from exc
+    if registered.risk_hits:
+        risk.record(activity.id, screening.subject, registered.risk_hits)
+    if registered.outcome is Registration.RISK_REFUSED:
+        raise RiskRefused()
     if registered.outcome is Registration.NOT_FOUND:
         raise NotFound("no such activity")
     if registered.outcome is Registration.CLOSED:

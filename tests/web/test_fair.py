@@ -13,15 +13,17 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import redis
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from seckill import clock, keys, lottery
 from seckill.orders.sweeper import Sweeper
 from seckill.settings import Settings
+from seckill.web.app import create_app
 from seckill.web.state import SERVICES
 from tests.helpers import activity_body, admin_headers, loops_alive, rfc3339, user_headers
 
@@ -124,7 +126,10 @@ async def test_registration_window_is_idempotent_and_kept_with_device_ids(
         b"bob",
         b"carol",
     ]
-    assert sync_redis.hget(keys.registered_devices(activity["id"]), "dev-1") == b"2"
+    # kept as the risk rules keep a device: its keyed hash, accounts counted per device
+    hashed = client.server.app[SERVICES].risk.subject("alice", "dev-1", None).device
+    assert hashed and hashed != "dev-1"
+    assert sync_redis.hget(keys.registered_devices(activity["id"]), hashed) == b"2"
 
     await _until_started(activity)
     status, body = await _register(client, settings, activity["id"], "late")
@@ -429,3 +434,26 @@ async def test_bad_input_on_every_new_field_header_and_endpoint_changes_nothing(
     for query in ("?limit=0", "?limit=10001", "?start=-1", "?start=x", "?page=2"):
         assert (await client.get(registrants + query, headers=admin)).status == 400, query
     assert (await client.get(registrants)).status == 401
+
+
+async def test_registration_applies_the_risk_rules_to_a_parallel_burst(
+    settings: Settings, sync_redis: redis.Redis, tmp_path: Path
+) -> None:
+    rules = tmp_path / "risk.toml"
+    rules.write_text('[device_accounts]\nmode = "enforce"\nmax_accounts = 2\n')
+    guarded = settings.replace("risk", rules_path=str(rules))
+    async with TestClient(TestServer(create_app(guarded))) as client:
+        activity = await _create(client, guarded, starts_at=rfc3339(600))
+        farm = {"X-Device-Id": "farm-phone"}
+        answers = await asyncio.gather(
+            *(_register(client, guarded, activity["id"], f"bot{i}", **farm) for i in range(8))
+        )
+        statuses = Counter(status for status, _ in answers)
+        assert statuses == {201: 2, 403: 6}, "two accounts per device, however parallel"
+        assert {b["error"]["code"] for s, b in answers if s == 403} == {"risk_refused"}
+        assert sync_redis.llen(keys.registration_order(activity["id"])) == 2
+        own = {"X-Device-Id": "own-phone"}
+        other = await _register(client, guarded, activity["id"], "shopper", **own)
+        assert other[0] == 201
+        hits = await client.get("/admin/v1/risk/hits", headers=admin_headers(guarded))
+        assert any(h["rule"] == "device_accounts" for h in (await hits.json())["hits"])
