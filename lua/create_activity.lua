@@ -3,11 +3,16 @@
 --
 -- KEYS[1] meta  KEYS[2] stock  KEYS[3] holders  KEYS[4] orders  KEYS[5] deadlines
 -- KEYS[6] counters  KEYS[7] skus (hash SKU id -> quantity of it on sale)
+-- KEYS[8] draw (hash: a lottery's seed and its commitment; optional)
 -- ARGV: id, sku_id, title, price_cents, stock, per_user_limit, starts_at_ms, ends_at_ms,
 --       payment_timeout_s, skus (JSON, "[]" for the single form), tiers (JSON),
 --       requires_address ("1"/"0"), version (digest of the definition), opens_at_ms (the
---       earliest start, a tier's early access included), then SKU id, stock pairs (the
+--       earliest start, a tier's early access included), a lottery's seed and its commitment
+--       ("" "" none), k, then k (name, value) pairs of optional meta fields (a fair sale's
+--       registration_opens_at_ms, admission, claim_window_s), then SKU id, stock pairs (the
 --       single form: its one SKU). ARGV[10..] may be absent (a definition from before SKUs).
+--       The first seed given stays: replacing the activity never changes a published
+--       commitment (registrations are kept too).
 --
 -- Returns {"created"} or {"replaced"}, or {"conflict", reason} when the existing activity has
 -- opened or already holds orders (nothing is changed then).
@@ -37,9 +42,16 @@ if KEYS[7] and ARGV[10] then
   redis.call('HSET', KEYS[1], 'skus', ARGV[10], 'tiers', ARGV[11],
     'requires_address', ARGV[12], 'version', ARGV[13], 'opens_at_ms', ARGV[14])
   redis.call('DEL', KEYS[7])
+  local extra = tonumber(ARGV[17])
+  for i = 18, 17 + 2 * extra, 2 do
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+  if KEYS[8] and ARGV[15] ~= '' and redis.call('HEXISTS', KEYS[8], 'seed') == 0 then
+    redis.call('HSET', KEYS[8], 'seed', ARGV[15], 'commitment', ARGV[16])
+  end
   -- one counter per SKU, and per SKU the initial stock and the quantity held (reserved or
   -- paid): the report checks initial:<sku> == on sale + held:<sku> for each SKU
-  for i = 15, #ARGV, 2 do
+  for i = 18 + 2 * extra, #ARGV, 2 do
     redis.call('HSET', KEYS[7], ARGV[i], ARGV[i + 1])
     redis.call('HSET', KEYS[6], 'initial:' .. ARGV[i], ARGV[i + 1], 'held:' .. ARGV[i], 0,
       'released:' .. ARGV[i], 0)

@@ -12,6 +12,8 @@
 --                            Redis once the store holds it in that state (bounded memory)
 -- KEYS[8] skus       hash    SKU id -> quantity on sale (optional; absent before SKUs)
 -- KEYS[9] prepays    hash    order id -> the payment order placed with a provider (optional)
+-- KEYS[TURN_KEYS + 0..2]  meta, turns, batches of a lottery sale (optional): the stock put back
+--         admits the next positions in the same step (turns.lua), never whoever calls fastest
 -- ARGV[1] order id
 -- ARGV[2] cause: "cancelled" (owner's request) or "expired" (sweeper)
 -- ARGV[3] user id that must own the order ("" for the sweeper)
@@ -23,6 +25,10 @@
 -- not_cancellable (not reserved any more), not_due (an expiry before its deadline), prepaid
 -- (an expiry the payment provider must settle first).
 -- Every check runs before the first write.
+
+--! include turns.lua
+
+local TURN_KEYS = 10
 
 local blob = redis.call('HGET', KEYS[3], ARGV[1])
 if not blob then
@@ -68,5 +74,13 @@ redis.call('XADD', KEYS[5], '*', 'c', cmsgpack.pack({
 }))
 if settled and KEYS[9] then
   redis.call('HDEL', KEYS[9], ARGV[1])
+end
+if KEYS[TURN_KEYS] then
+  local fair = redis.call('HMGET', KEYS[TURN_KEYS], 'admission', 'claim_window_s',
+                          'per_user_limit', 'starts_at_ms', 'ends_at_ms')
+  if fair[1] == 'lottery' and now_ms >= tonumber(fair[4]) and now_ms < tonumber(fair[5]) then
+    advance_turns(KEYS[TURN_KEYS + 1], KEYS[TURN_KEYS + 2], KEYS[1], now_ms,
+                  tonumber(fair[2]) * 1000, tonumber(fair[3]))
+  end
 end
 return {'released', left, quantity}

@@ -33,6 +33,10 @@
 -- ARGV[21] keyed hash of the normalised address ("" none)
 -- ARGV[14..21] are optional: a caller from before SKUs passes 13 arguments.
 --
+-- A fair sale (lua/turns.lua), only for an activity with registration: its keys come first
+-- among the optional groups, from TURN_KEYS (the risk rules' then start after them):
+-- KEYS[TURN_KEYS + 0..4] registrants, positions, turns (hashes), batches (zset), claims (hash)
+--
 -- Risk rules (lua/risk.lua), addressed from the bases RISK_KEYS and RISK_ARGV so that other
 -- checks can add their own arguments beside them; optional (absent: no risk rules):
 -- KEYS[RISK_KEYS + 0] devices    set   users who bought with the request's device here
@@ -47,6 +51,9 @@
 --   {"replay", order_id, quantity, expires_at_ms}
 --   {"rate_limited", scope, retry_after_ms}    scope: user, ip or admission
 --   {"risk_refused", rule}                     an enforced risk rule refused the attempt
+--   {"not_your_turn", retry_after_ms, why}     why: waiting, passed, used
+--   {"undrawn", retry_after_ms, "draw"}        a lottery past its start, not drawn yet
+--   {"not_registered"}
 --   {code}  with code in not_found, reused, <gate>, stale (the gateway's definition is not
 --           the stored one: re-read and retry), not_started, ended, limit_reached, sold_out,
 --           unknown_sku, collision
@@ -57,8 +64,11 @@
 -- (Taking a rate-limit token is the attempt's own outcome, not a half-done purchase.)
 
 --! include take_token.lua
+--! include turns.lua
 --! include risk.lua
 
+-- base offsets of the optional groups (renumbered here when another group is added)
+local TURN_KEYS = 13
 local RISK_KEYS = 13
 local RISK_ARGV = 22
 
@@ -70,9 +80,13 @@ local idem_ttl = tonumber(ARGV[5])
 local gate = ARGV[6]
 
 local meta = redis.call('HMGET', KEYS[1], 'id', 'starts_at_ms', 'ends_at_ms',
-                        'per_user_limit', 'payment_timeout_s', 'sku_id', 'price_cents', 'version')
+                        'per_user_limit', 'payment_timeout_s', 'sku_id', 'price_cents', 'version',
+                        'registration_opens_at_ms', 'admission', 'claim_window_s')
 if not meta[1] then
   return {'not_found'}
+end
+if meta[9] then
+  RISK_KEYS = TURN_KEYS + 5  -- the turn keys come first
 end
 
 local stored = redis.call('GET', KEYS[8])
@@ -84,7 +98,10 @@ if stored then
   return {'replay', answer[2], answer[3], answer[4]}
 end
 
-if gate ~= '' then
+-- switches answer here; the local admission bucket is a rate limit, so in a sale with
+-- registration it answers after the registration, turn and risk checks, as the contract orders
+local limited_locally = gate == 'rate_limited' and meta[9]
+if gate ~= '' and not limited_locally then
   return {gate}
 end
 
@@ -114,6 +131,29 @@ end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+-- registration and turn (403 not_registered, 409 not_your_turn), after switches
+local turn_keys = nil
+local turn_batch_end = nil
+if meta[9] then
+  if not KEYS[TURN_KEYS + 4] then
+    return {'stale'}  -- the gateway's definition predates the registration: re-read it
+  end
+  turn_keys = {
+    registrants = KEYS[TURN_KEYS + 0], positions = KEYS[TURN_KEYS + 1],
+    turns = KEYS[TURN_KEYS + 2], batches = KEYS[TURN_KEYS + 3], claims = KEYS[TURN_KEYS + 4],
+    stock = KEYS[2],
+  }
+  local fair = {
+    admission = meta[10], claim_ms = tonumber(meta[11] or '0') * 1000,
+    unit = tonumber(meta[4]), starts_ms = tonumber(meta[2]), ends_ms = tonumber(meta[3]),
+  }
+  local refusal
+  refusal, turn_batch_end = check_turn(turn_keys, user, fair, now_ms)
+  if refusal then
+    return refusal
+  end
+end
+
 -- risk rules, after switches and before rate limits (the contract's order); reads only
 local risk_on = KEYS[RISK_KEYS + 1] ~= nil
 local device = risk_on and given(RISK_ARGV + 1, '') or ''
@@ -127,6 +167,9 @@ if risk_on then
   if refused then
     return risk_reply({'risk_refused', refused}, risk_hits)
   end
+end
+if limited_locally then
+  return risk_reply({gate}, risk_hits)
 end
 
 -- rate limits, after idempotency and switches, before the window (the contract's order).
@@ -209,6 +252,9 @@ redis.call('HINCRBY', KEYS[7], 'orders_created', 1)
 redis.call('HINCRBY', KEYS[7], 'reserved', quantity)
 redis.call('SET', KEYS[8], cmsgpack.pack({fingerprint, order_id, quantity, expires_at_ms}),
            'EX', idem_ttl)
+if turn_batch_end then
+  use_turn(turn_keys, user, order_id, turn_batch_end)
+end
 if risk_on then
   -- kept a day past the sale's end: long enough for every check that can still buy
   risk_record(KEYS[RISK_KEYS + 0], KEYS[RISK_KEYS + 1], user, device, address_hash,

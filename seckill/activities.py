@@ -25,11 +25,20 @@ _FIELDS = (
 )
 # the single form's SKU fields; the list form replaces them with "skus"
 _SINGLE = ("sku_id", "price_cents", "stock")
-_OPTIONAL = ("skus", "tiers", "requires_address")
+_OPTIONAL = (
+    "skus",
+    "tiers",
+    "requires_address",
+    "registration_opens_at",
+    "admission",
+    "claim_window_s",
+)
 _SKU_FIELDS = ("sku_id", "title", "price_cents", "stock")
 _TIER_FIELDS = ("starts_at", "per_user_limit", "price_cents")
 _TIER_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 MAX_SKUS = 100
+ADMISSIONS = ("fcfs", "lottery")
+DEFAULT_CLAIM_WINDOW_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +93,17 @@ class Activity:
     skus: tuple[Sku, ...] = ()
     tiers: Mapping[str, Tier] = field(default_factory=dict)
     requires_address: bool = False
+    # a fair sale: only users who registered in [registration_opens_at, starts_at) may buy;
+    # "lottery" admits them in the drawn order, each with claim_window_s to buy
+    registration_opens_at_ms: int | None = None
+    admission: str = "fcfs"
+    claim_window_s: int | None = None
     _version: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # computed once: every order passes it to the reserve script
-        text = json.dumps(self._definition(), separators=(",", ":"))
+        # the fair fields enter only when set: an fcfs activity keeps the digest it had before
+        text = json.dumps([*self._definition(), *self._fair()], separators=(",", ":"))
         object.__setattr__(self, "_version", hashlib.sha256(text.encode()).hexdigest()[:16])
 
     @classmethod
@@ -122,6 +137,8 @@ class Activity:
         requires_address = body.get("requires_address", False)
         if not isinstance(requires_address, bool):
             raise InvalidRequest("requires_address must be true or false")
+        tiers = _tiers(body.get("tiers", {}), ends_at_ms)
+        opens, admission, claim_window_s = _fair(body, starts_at_ms, tiers)
         return cls(
             id=activity_id,
             sku_id=single.sku_id,
@@ -133,8 +150,11 @@ class Activity:
             ends_at_ms=ends_at_ms,
             payment_timeout_s=_int(body, "payment_timeout_s", 1, 86_400),
             skus=skus,
-            tiers=_tiers(body.get("tiers", {}), ends_at_ms),
+            tiers=tiers,
             requires_address=requires_address,
+            registration_opens_at_ms=opens,
+            admission=admission,
+            claim_window_s=claim_window_s,
         )
 
     @classmethod
@@ -161,6 +181,9 @@ class Activity:
                 for name, terms in json.loads(meta.get(b"tiers") or b"{}").items()
             },
             requires_address=meta.get(b"requires_address") == b"1",
+            registration_opens_at_ms=_optional_int(meta.get(b"registration_opens_at_ms")),
+            admission=(meta.get(b"admission") or b"fcfs").decode(),
+            claim_window_s=_optional_int(meta.get(b"claim_window_s")),
         )
 
     def all_skus(self) -> tuple[Sku, ...]:
@@ -201,12 +224,46 @@ class Activity:
         """A digest of the definition: the reserve script refuses terms from another one."""
         return self._version
 
-    def script_args(self) -> list[str | int]:
-        """ARGV of create_activity.lua."""
+    @property
+    def registration(self) -> bool:
+        """True when only registered users may buy."""
+        return self.registration_opens_at_ms is not None
+
+    @property
+    def lottery(self) -> bool:
+        """True when registrants are admitted in a drawn order, in turns."""
+        return self.admission == "lottery"
+
+    def script_args(self, seed: str = "", commitment: str = "") -> list[str | int]:
+        """ARGV of create_activity.lua (``seed``: a lottery's, kept only if none is stored)."""
         stocks: list[str | int] = []
         for sku in self.all_skus():
             stocks += [sku.sku_id, sku.stock]
-        return [*self._definition(), self.version, self.opens_at_ms, *stocks]
+        fair = self._fair()
+        return [
+            *self._definition(),
+            self.version,
+            self.opens_at_ms,
+            seed,
+            commitment,
+            len(fair) // 2,
+            *fair,
+            *stocks,
+        ]
+
+    def _fair(self) -> list[str | int]:
+        """The fair sale's meta fields as (name, value) pairs; empty for a plain sale."""
+        if self.registration_opens_at_ms is None:
+            return []
+        fair: list[str | int] = [
+            "registration_opens_at_ms",
+            self.registration_opens_at_ms,
+            "admission",
+            self.admission,
+        ]
+        if self.claim_window_s is not None:
+            fair += ["claim_window_s", self.claim_window_s]
+        return fair
 
     def _definition(self) -> list[str | int]:
         skus_json = json.dumps(
@@ -277,6 +334,11 @@ class Activity:
             }
         if self.requires_address:
             body["requires_address"] = True
+        if self.registration_opens_at_ms is not None:
+            body["registration_opens_at"] = clock.to_rfc3339(self.registration_opens_at_ms)
+            body["admission"] = self.admission
+            if self.claim_window_s is not None:
+                body["claim_window_s"] = self.claim_window_s
         return body
 
     def admin(
@@ -367,3 +429,34 @@ def _tiers(value: Any, ends_at_ms: int) -> dict[str, Tier]:
             _int(terms, "price_cents", 0, 10**12) if "price_cents" in terms else None,
         )
     return tiers
+
+
+def _optional_int(raw: bytes | None) -> int | None:
+    return int(raw) if raw else None
+
+
+def _fair(
+    body: dict[str, Any], starts_at_ms: int, tiers: Mapping[str, Tier]
+) -> tuple[int | None, str, int | None]:
+    """(registration_opens_at_ms, admission, claim_window_s) of an admin body, validated."""
+    opens = _time(body, "registration_opens_at") if "registration_opens_at" in body else None
+    if opens is not None and opens >= starts_at_ms:
+        raise InvalidRequest("registration_opens_at must be before starts_at")
+    admission = body.get("admission", "fcfs")
+    if admission not in ADMISSIONS:
+        raise InvalidRequest('admission must be "fcfs" or "lottery"')
+    if admission == "fcfs":
+        if "claim_window_s" in body:
+            raise InvalidRequest('claim_window_s applies to admission "lottery" only')
+        return opens, admission, None
+    if opens is None:
+        raise InvalidRequest('admission "lottery" needs registration_opens_at')
+    if any(t.starts_at_ms is not None and t.starts_at_ms != starts_at_ms for t in tiers.values()):
+        # the draw happens at starts_at: nobody can be admitted before it
+        raise InvalidRequest('admission "lottery" allows no tier starts_at other than starts_at')
+    claim_window_s = (
+        _int(body, "claim_window_s", 1, 86_400)
+        if "claim_window_s" in body
+        else DEFAULT_CLAIM_WINDOW_S
+    )
+    return opens, admission, claim_window_s

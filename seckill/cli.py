@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -542,6 +543,65 @@ def cmd_refunds(settings: Settings, args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_draw(settings: Settings, args: argparse.Namespace) -> int:
+    """`draw verify ACTIVITY_ID [--seed HEX]`: recompute a lottery's order from its seed and
+    registrants and check it against the commitment and the order in force; exit 0 when it
+    holds, 1 when not, 2 when there is nothing to verify."""
+    import asyncio
+    import json
+
+    from seckill import keys, lottery
+    from seckill.errors import RedisUnavailable
+    from seckill.scripts import CONNECTION_ERRORS, Scripts
+    from seckill.web.app import redis_client
+
+    resolved = _redis_settings(settings)
+    if resolved is None:
+        return 2
+    settings = resolved
+    if not keys.ID_PATTERN.fullmatch(args.activity_id):
+        print(f"seckill: not an activity id: {args.activity_id!r}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        client = redis_client(settings)
+        try:
+            drawer = lottery.Lottery(client, Scripts.from_dir())
+            stored = await drawer.read(args.activity_id)
+            if stored is None:
+                print(f"seckill: activity {args.activity_id!r} has no lottery", file=sys.stderr)
+                return 2
+            if args.seed:
+                stored = dataclasses.replace(stored, seed=args.seed)
+            registrants = await drawer.registrants(args.activity_id)
+            placed = await drawer.placed(args.activity_id)
+        finally:
+            await client.aclose()
+        found = lottery.problems(stored, registrants, placed)
+        print(
+            json.dumps(
+                {
+                    "activity_id": args.activity_id,
+                    "commitment": stored.commitment,
+                    "registrants": len(registrants),
+                    "order_digest": stored.digest,
+                    "verified": not found,
+                    "problems": found,
+                },
+                indent=2,
+            )
+        )
+        for problem in found:
+            print(f"seckill: draw not verified: {problem}", file=sys.stderr)
+        return 1 if found else 0
+
+    try:
+        return asyncio.run(run())
+    except (*CONNECTION_ERRORS, RedisUnavailable) as exc:  # type: ignore[misc]
+        print(f"seckill: Redis unreachable: {redact(str(exc))}", file=sys.stderr)
+        return 2
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="seckill", description="Flash-sale gateway.")
     root.add_argument("--version", action="version", version=f"seckill {__version__}")
@@ -600,6 +660,15 @@ def parser() -> argparse.ArgumentParser:
     refund_retry.add_argument("activity_id")
     refund_retry.add_argument("--order", help="only this order's refund")
     refunds.set_defaults(run=cmd_refunds)
+
+    draw = commands.add_parser("draw", help="a lottery's draw")
+    draw_actions = draw.add_subparsers(dest="action", required=True, metavar="ACTION")
+    verify = draw_actions.add_parser(
+        "verify", help="recompute the order from the seed and registrants; exit 0 if it holds"
+    )
+    verify.add_argument("activity_id")
+    verify.add_argument("--seed", help="check this seed instead of the stored one (hex)")
+    draw.set_defaults(run=cmd_draw)
 
     token = commands.add_parser("token", help="print a user JWT for testing")
     token.add_argument("user_id")

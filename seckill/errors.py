@@ -127,3 +127,18 @@ class RequestTimeout(SeckillError):
 
 class HeadersTooLarge(SeckillError):
     status, code, default_message = 431, "headers_too_large", "request headers too large"
+
+
+class NotRegistered(SeckillError):
+    status, code = 403, "not_registered"
+    default_message = "this sale is open to registered users only, and you did not register"
+
+
+class NotYourTurn(Conflict):
+    """Always carries Retry-After: when to look again (GET .../queue tells more)."""
+
+    code, default_message = "not_your_turn", "your turn to buy has not come"
+
+
+class RegistrationClosed(Conflict):
+    code, default_message = "registration_closed", "registration for this sale is not open"

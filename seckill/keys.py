@@ -91,9 +91,11 @@ def ip_bucket(activity_id: str, ip: str) -> str:
     return f"{_tag(activity_id)}:rl:ip:{ip}"
 
 
-def reserve_keys(activity_id: str, user_id: str, key: str, ip: str = "") -> list[str]:
-    """KEYS of reserve_stock.lua, in its order."""
-    return [
+def reserve_keys(
+    activity_id: str, user_id: str, key: str, ip: str = "", fair: bool = False
+) -> list[str]:
+    """KEYS of reserve_stock.lua, in its order (``fair``: with the turn keys)."""
+    spelled = [
         meta(activity_id),
         stock(activity_id),
         holders(activity_id),
@@ -107,6 +109,9 @@ def reserve_keys(activity_id: str, user_id: str, key: str, ip: str = "") -> list
         f"{_tag(activity_id)}:rl:admission",
         sku_stock(activity_id),
     ]
+    if fair:
+        spelled += turn_keys(activity_id)
+    return spelled
 
 
 def risk_devices(activity_id: str, device_hash: str) -> str:
@@ -154,6 +159,9 @@ def release_keys(activity_id: str) -> list[str]:
         retiring(activity_id),
         sku_stock(activity_id),
         prepays(activity_id),
+        meta(activity_id),
+        turns(activity_id),
+        batches(activity_id),
     ]
 
 
@@ -217,6 +225,7 @@ def activity_keys(activity_id: str) -> list[str]:
         deadlines(activity_id),
         counters(activity_id),
         sku_stock(activity_id),
+        draw(activity_id),
     ]
 
 
@@ -286,3 +295,104 @@ def sku_stock(activity_id: str) -> str:
 
 
 DATA_KEY_CHECKS: Final = f"{PREFIX}:datakeys"  # hash key id -> a probe encrypted under it
+
+
+# A fair sale (registration, lottery, turns): lua/turns.lua explains each structure.
+
+
+def registrants(activity_id: str) -> str:
+    """Hash user id -> "<seq>|<device id>|<registered at ms>" of the users who registered."""
+    return f"{_tag(activity_id)}:reg"
+
+
+def registration_order(activity_id: str) -> str:
+    """List of registered user ids in registration order (the draw's input, exportable)."""
+    return f"{_tag(activity_id)}:reglist"
+
+
+def registered_devices(activity_id: str) -> str:
+    """Hash device id -> accounts registered with it for this activity."""
+    return f"{_tag(activity_id)}:regdev"
+
+
+def draw(activity_id: str) -> str:
+    """Hash: a lottery's seed, commitment and, once drawn, drawn_at_ms, count, digest."""
+    return f"{_tag(activity_id)}:draw"
+
+
+def positions(activity_id: str) -> str:
+    """Hash user id -> position in the lottery order (1-based), written once by the draw."""
+    return f"{_tag(activity_id)}:pos"
+
+
+def draw_staging(activity_id: str, nonce: str) -> str:
+    """Hash: one drawer's positions before install_draw.lua swaps them in."""
+    return f"{_tag(activity_id)}:pos:staging:{nonce}"
+
+
+def draw_lock(activity_id: str) -> str:
+    """String with a TTL: held by the one gateway computing the draw."""
+    return f"{_tag(activity_id)}:draw:lock"
+
+
+def turns(activity_id: str) -> str:
+    """Hash: n (drawn), p (admitted up to), l (lapsed up to), open claims, b<end> claims used."""
+    return f"{_tag(activity_id)}:turns"
+
+
+def batches(activity_id: str) -> str:
+    """Sorted set "<end>:<admitted at ms>" scored by end: admission batches still open."""
+    return f"{_tag(activity_id)}:batches"
+
+
+def claims(activity_id: str) -> str:
+    """Hash user id -> the order id that used the user's turn."""
+    return f"{_tag(activity_id)}:claims"
+
+
+def turn_keys(activity_id: str) -> list[str]:
+    """The fair sale's KEYS appended to reserve_stock.lua's (its TURN_KEYS + 0..4)."""
+    return [
+        registrants(activity_id),
+        positions(activity_id),
+        turns(activity_id),
+        batches(activity_id),
+        claims(activity_id),
+    ]
+
+
+def register_keys(activity_id: str) -> list[str]:
+    """KEYS of register.lua, in its order."""
+    return [
+        meta(activity_id),
+        registrants(activity_id),
+        registration_order(activity_id),
+        registered_devices(activity_id),
+    ]
+
+
+def install_draw_keys(activity_id: str, nonce: str) -> list[str]:
+    """KEYS of install_draw.lua, in its order."""
+    return [
+        meta(activity_id),
+        draw(activity_id),
+        positions(activity_id),
+        draw_staging(activity_id, nonce),
+        turns(activity_id),
+        batches(activity_id),
+        stock(activity_id),
+        registration_order(activity_id),
+    ]
+
+
+def queue_keys(activity_id: str) -> list[str]:
+    """KEYS of queue_position.lua, in its order."""
+    return [
+        meta(activity_id),
+        registrants(activity_id),
+        positions(activity_id),
+        turns(activity_id),
+        batches(activity_id),
+        stock(activity_id),
+        claims(activity_id),
+    ]

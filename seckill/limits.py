@@ -58,6 +58,9 @@ class OrderRule:
     read_burst: float = 10.0
     cancel_rate_per_s: float = 0.5
     cancel_burst: float = 5.0
+    # GET .../queue: the mini program polls it; faster than this is a bot
+    queue_rate_per_s: float = 2.0
+    queue_burst: float = 10.0
 
 
 _ORDER_FIELDS = {f.name for f in dataclasses.fields(OrderRule)}
@@ -176,11 +179,13 @@ class Rules:
         return wait
 
     def take_order(self, scope: str, user_id: str) -> tuple[float, float]:
-        """One order ``scope`` ("read" or "cancel") for the user: (0, burst) when allowed,
+        """One ``scope`` ("read", "cancel" or "queue") for the user: (0, burst) when allowed,
         else (seconds until a token is back, burst). A rate of 0 turns the limit off."""
         rule = self.orders
         if scope == "read":
             rate, burst = rule.read_rate_per_s, rule.read_burst
+        elif scope == "queue":
+            rate, burst = rule.queue_rate_per_s, rule.queue_burst
         else:
             rate, burst = rule.cancel_rate_per_s, rule.cancel_burst
         if rate <= 0:

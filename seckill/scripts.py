@@ -75,6 +75,9 @@ class Scripts:
     refund_update: Script
     risk_velocity: Script
     risk_deny: Script
+    register: Script
+    install_draw: Script
+    queue_position: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:

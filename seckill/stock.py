@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from seckill import keys
+from seckill import keys, lottery
 from seckill.activities import Activity
 from seckill.errors import Conflict, Overloaded, RedisUnavailable
 from seckill.orders.record import OrderRecord
@@ -41,6 +41,9 @@ class Outcome(enum.Enum):
     UNKNOWN_SKU = "unknown_sku"
     RISK_REFUSED = "risk_refused"
     STALE = "stale"  # the gateway's cached definition is not Redis's: re-read it
+    NOT_REGISTERED = "not_registered"
+    NOT_YOUR_TURN = "not_your_turn"  # retry_after_ms says when to look again, turn says why
+    UNDRAWN = "undrawn"  # a lottery past its start whose draw is not installed yet
 
 
 _OUTCOMES = {o.value.encode(): o for o in Outcome}
@@ -74,6 +77,7 @@ class Reservation:
     sku_left: int | None = None  # what is left of the order's SKU
     # risk rules that hit ((rule, "enforce" | "shadow"), shadow ones included)
     risk_hits: tuple[tuple[str, str], ...] = ()
+    turn: str = ""  # not_your_turn: waiting, passed or used
 
 
 class Release(enum.Enum):
@@ -154,7 +158,7 @@ def fingerprint(quantity: int, sku_id: str = "", address_hash: str = "") -> str:
     return text
 
 
-def _risk_hits(tail: Any) -> tuple[tuple[str, str], ...]:
+def risk_hits(tail: Any) -> tuple[tuple[str, str], ...]:
     """The script's trailing {"risk", "<rule>:<mode>", ...} as (rule, mode) pairs."""
     return tuple(
         (rule, mode) for rule, _, mode in (item.decode().partition(":") for item in tail[1:])
@@ -183,13 +187,15 @@ class Stock:
         ip: str = "",
         terms: OrderTerms | None = None,
         risk: tuple[Sequence[str], Sequence[str | int]] | None = None,
+        fair: bool = False,
     ) -> Reservation:
         """Pre-lock ``quantity`` for the user and queue the order, or say why not.
 
         ``risk``: the risk rules' (KEYS, ARGV), appended at reserve_stock.lua's RISK_KEYS and
-        RISK_ARGV.
+        RISK_ARGV. ``fair``: the activity takes registrations (its turn keys go first, at
+        TURN_KEYS).
         """
-        script_keys = keys.reserve_keys(activity_id, user_id, idempotency_key, ip)
+        script_keys = keys.reserve_keys(activity_id, user_id, idempotency_key, ip, fair)
         if risk is not None:
             script_keys += risk[0]
         # a random id colliding with a live order is all but impossible; a fresh one is safe
@@ -225,7 +231,7 @@ class Stock:
                 reply = await self._coalescer.call(self._scripts.reserve_stock, script_keys, args)
             hits: tuple[tuple[str, str], ...] = ()
             if isinstance(reply[-1], list) and reply[-1][:1] == [b"risk"]:
-                hits = _risk_hits(reply[-1])
+                hits = risk_hits(reply[-1])
                 reply = reply[:-1]
             code = reply[0]
             if code == b"collision":
@@ -251,6 +257,8 @@ class Stock:
                 )
             if outcome is Outcome.REPLAY:
                 return Reservation(outcome, reply[1].decode(), int(reply[2]), int(reply[3]))
+            if outcome in (Outcome.NOT_YOUR_TURN, Outcome.UNDRAWN):
+                return Reservation(outcome, retry_after_ms=int(reply[1]), turn=reply[2].decode())
             return Reservation(outcome, risk_hits=hits)
         raise RuntimeError("order id collided three times")  # pragma: no cover
 
@@ -405,9 +413,14 @@ class Stock:
         return sorted(m.decode() for m in members)
 
     async def put_activity(self, activity: Activity) -> str:
-        """Create or replace (before its start) an activity and load its stock; Conflict else."""
+        """Create or replace (before its start) an activity and load its stock; Conflict else.
+
+        A lottery gets its seed here, committed at once; a replacement keeps the first seed.
+        """
+        seed = lottery.new_seed() if activity.lottery else ""
+        args = activity.script_args(seed, lottery.commitment(seed) if seed else "")
         reply = await self._scripts.create_activity(
-            self._client, keys.activity_keys(activity.id), activity.script_args()
+            self._client, keys.activity_keys(activity.id), args
         )
         if reply[0] == b"conflict":
             raise Conflict(reply[1].decode())

@@ -25,6 +25,7 @@ from seckill.denylist import DenyList
 from seckill.errors import RedisUnavailable
 from seckill.events import Events
 from seckill.limits import Rules
+from seckill.lottery import Lottery
 from seckill.metrics import Metrics, Shared
 from seckill.orders.store import StoreUnavailable, open_store
 from seckill.personal import Sealer
@@ -33,8 +34,9 @@ from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
 from seckill.switches import Switches
+from seckill.turns import Turns
 from seckill.upstreams import Upstream
-from seckill.web import admin, console, ops, payments, public
+from seckill.web import admin, console, fair, ops, payments, public
 from seckill.web.live import Live
 from seckill.web.middlewares import errors
 from seckill.web.state import SERVICES, Services
@@ -335,6 +337,8 @@ def create_app(settings: Settings) -> web.Application:
         payments=PaymentSignature(settings.payment.secret, settings.payment.tolerance_s),
         store=open_store(settings.database_url),
         metrics=metrics,
+        lottery=Lottery(client, scripts),
+        turns=Turns(client, scripts),
         openapi=yaml.safe_load(resources.openapi_path().read_text(encoding="utf-8")),
         personal=_sealer(settings),
         breakers=breakers,
@@ -367,6 +371,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(public.routes)
     app.add_routes(payments.routes)
     app.add_routes(admin.routes)
+    app.add_routes(fair.routes)
     app.add_routes(ops.routes)
     app.add_routes(console.routes)
     if not settings.server.ops_port:

@@ -6,25 +6,15 @@ from typing import Any
 
 from aiohttp import web
 
-from seckill import clock, keys, skus
-from seckill.breakers import BreakerOpen
+from seckill import clock, keys, purchase
 from seckill.catalog import Entry
 from seckill.errors import (
     Conflict,
-    Degraded,
-    Ended,
-    IdempotencyKeyReused,
     InvalidRequest,
-    LimitReached,
     NotCancellable,
     NotFound,
-    NotStarted,
     Overloaded,
-    Paused,
     RateLimited,
-    RiskRefused,
-    SeckillError,
-    SoldOut,
 )
 from seckill.limits import retry_after_s
 from seckill.orders.record import OrderRecord
@@ -37,30 +27,7 @@ from seckill.web.state import SERVICES, Services
 
 routes = web.RouteTableDef()
 
-_REDIS_DOWN = Overloaded("stock service unavailable, retry later", retry_after=2)
-_SOLD_OUT = SoldOut()
 _NO_SUCH_ORDER = NotFound("no such order")
-_ENDED = Ended()
-_RISK_REFUSED = RiskRefused()
-# switches and limits decided in the gateway, answered by the script after idempotency
-_GATES: dict[str, SeckillError] = {
-    "degraded": Degraded("flash sales are switched off for now"),
-    "paused": Paused("this activity is paused"),
-    "ended": _ENDED,
-    "rate_limited": RateLimited(),
-    # the writers are behind by more than [writer] backlog_ceiling: accept nothing new until
-    # they catch up (fail closed: nothing reserved, nothing lost)
-    "overloaded": Overloaded("orders are waiting to be written, retry shortly", retry_after=2),
-}
-_REFUSALS: dict[Outcome, SeckillError] = {
-    Outcome.NOT_FOUND: NotFound("no such activity"),
-    Outcome.REUSED: IdempotencyKeyReused(),
-    Outcome.NOT_STARTED: NotStarted(),
-    Outcome.ENDED: _ENDED,
-    Outcome.LIMIT_REACHED: LimitReached(),
-    Outcome.SOLD_OUT: _SOLD_OUT,
-    Outcome.RISK_REFUSED: _RISK_REFUSED,
-}
 
 
 async def _entry(services: Services, activity_id: str) -> Entry:
@@ -115,7 +82,7 @@ def device_id(request: web.Request) -> str:
 
 @routes.post("/api/v1/activities/{activity_id}/orders", name="order_create")
 async def create_order(request: web.Request) -> web.Response:
-    """Reserve stock for the caller: checks in the contract's order, then one atomic script."""
+    """Reserve stock for the caller: the request's shape here, the decision in purchase.py."""
     services = request.app[SERVICES]
     user_id, tier = services.users.user(request.headers.get("Authorization"))
     limit = services.settings.server.max_body_bytes
@@ -131,98 +98,22 @@ async def create_order(request: web.Request) -> web.Response:
     activity_id = request.match_info["activity_id"]
     # cached (the storm's case): no coroutine, no id check (only valid ids are ever cached)
     entry = services.catalog.entries().get(activity_id) or await _entry(services, activity_id)
-    activity = entry.activity
-    terms = skus.with_address(skus.resolve(activity, order, tier), order.address, services.personal)
-
-    # the gateway's part of the contract's order: switches -> risk rules -> rate limits; the
-    # script answers the first that applies after the idempotency check
-    switches = services.switches
-    gate = switches.gate(activity_id)
-    if not gate and entry.over_ceiling:
-        gate = "overloaded"
-    risk = services.risk
-    screening = risk.screen_locally(risk.subject(user_id, device, request.remote))
-    rule = services.limits.for_activity(activity_id)
-    factor = switches.value("admission.factor")
-    if entry.sold_out_for(user_id, terms.sku_id):
-        # the storm's common case: no Redis round trip for a user who holds nothing here;
-        # the answer is still the first that applies of switches, deny list, rate limits,
-        # window, stock (velocity is not counted: this attempt can buy nothing)
-        if gate:
-            return refusal(_GATES[gate])
-        if screening.hits:
-            risk.record(activity_id, screening.subject, screening.hits)
-        if screening.refused:
-            return refusal(_RISK_REFUSED)
-        wait = services.limits.admit(activity_id, rule, factor)
-        if wait:
-            return _rate_limited(wait, rule.admission_burst)
-        return refusal(_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT)
-
-    wait = 0.0
-    if not gate and not screening.refused:
-        try:
-            screening = await services.redis_breaker.call(lambda: risk.screen_velocity(screening))
-        except BreakerOpen:
-            return refusal(_REDIS_DOWN)
-    if not gate and not screening.refused:
-        # the local admission bucket: no network round trip (the exact one is in Redis)
-        wait = services.limits.admit(activity_id, rule, factor)
-        if wait:
-            gate = "rate_limited"
-    risk_keys = risk.script_keys(activity_id, screening)
-    risk_parts = (risk_keys, risk.script_args(activity_id, screening))
-    try:
-        reservation = await services.redis_breaker.call(
-            lambda: services.stock.reserve(
-                activity_id,
-                user_id,
-                idempotency_key,
-                order.quantity,
-                gate,
-                rule.redis_limits(factor),
-                request.remote or "",
-                terms,
-                risk_parts,
-            )
-        )
-    except BreakerOpen:
-        # fail closed: never sell without Redis; retry once the breaker has probed again
-        return refusal(_REDIS_DOWN)
-    if reservation.risk_hits:
-        risk.record(activity_id, screening.subject, reservation.risk_hits, terms.address_hash)
-    elif screening.hits and gate == "rate_limited" and reservation.outcome is Outcome.GATED:
-        # the local admission refused after the risk rules let it pass in shadow: still a hit
-        risk.record(activity_id, screening.subject, screening.hits)
-    outcome = reservation.outcome
-    if outcome is Outcome.OK:
-        services.catalog.note_reserved(
-            activity_id, reservation.stock_left or 0, terms.sku_id, reservation.sku_left
-        )
-    if outcome in (Outcome.OK, Outcome.REPLAY):
+    decision = await purchase.decide(
+        services, entry, user_id, tier, order, idempotency_key, device, request.remote
+    )
+    reservation = decision.reservation
+    if reservation is not None:
         return _order_accepted(
             activity_id,
             reservation.order_id,
             reservation.quantity,
             reservation.expires_at_ms,
-            replayed=outcome is Outcome.REPLAY,
+            replayed=reservation.outcome is Outcome.REPLAY,
         )
-    if outcome is Outcome.SOLD_OUT:
-        services.catalog.note_sold_out(activity_id)
-    if outcome in (Outcome.STALE, Outcome.UNKNOWN_SKU):
-        # this process's definition is older than Redis's: re-read it; the buyer retries
-        await services.catalog.reload(activity_id)
-        return refusal(Overloaded("the activity just changed, retry", retry_after=1))
-    if reservation.gate == "rate_limited":
-        if reservation.retry_after_ms:  # a Redis bucket (user or ip) refused it
-            scope_burst = rule.user_burst if rule.user_rate_per_s else rule.ip_burst
-            services.limits.count(activity_id, "redis", False)
-            return _rate_limited(reservation.retry_after_ms / 1000, scope_burst)
-        return _rate_limited(wait, rule.admission_burst)
-    error = _REFUSALS.get(outcome) or _GATES.get(reservation.gate)
-    if error is None:
-        raise Overloaded(f"refused: {reservation.gate}")
-    return refusal(error)
+    if decision.limited is not None:
+        return _rate_limited(*decision.limited)
+    assert decision.error is not None
+    return refusal(decision.error)
 
 
 @routes.get("/api/v1/activities/{activity_id}", name="activity_get")

@@ -16,6 +16,7 @@ from seckill.breakers import AsyncBreaker
 from seckill.catalog import Catalog
 from seckill.events import Events
 from seckill.limits import Rules
+from seckill.lottery import Lottery
 from seckill.metrics import Metrics, Shared
 from seckill.orders.store import OrderStore
 from seckill.personal import Sealer
@@ -24,6 +25,7 @@ from seckill.scripts import Scripts
 from seckill.settings import Settings
 from seckill.stock import Stock
 from seckill.switches import Switches
+from seckill.turns import Turns
 from seckill.upstreams import Upstream
 
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ class Services:
     payments: PaymentSignature
     store: OrderStore
     metrics: Metrics
+    lottery: Lottery
+    turns: Turns
     openapi: dict[str, Any] = field(default_factory=dict)
     # requests whose handler has started and not answered yet (graceful drain, load shedding)
     in_flight: int = 0
