@@ -95,7 +95,11 @@ def live_gateway(
             time.sleep(0.1)
     yield url
     process.terminate()
-    process.wait(10)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()  # never leave a gateway behind a finished run
+        process.wait(10)
 
 
 POSTGRES_ADMIN_URL = os.environ.get(

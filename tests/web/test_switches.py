@@ -55,13 +55,20 @@ def gateways(redis_url: str, tmp_path: Path) -> Iterator[list[str]]:
             )
         )
         urls.append(f"http://127.0.0.1:{port}")
-    for process in processes:
-        assert process.stdout is not None
-        assert process.stdout.readline().startswith(b"seckill serving on")
-    yield urls
-    for process in processes:
-        process.terminate()
-        process.wait(15)
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            assert process.stdout.readline().startswith(b"seckill serving on")
+        yield urls
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(15)
 
 
 def _until(predicate: Any, within_s: float) -> float:
