@@ -45,6 +45,9 @@
 -- ARGV[RISK_ARGV + 1] keyed hash of the request's X-Device-Id ("" none)
 -- ARGV[RISK_ARGV + 2] most accounts per device (0: off)  ARGV[RISK_ARGV + 3] its mode
 -- ARGV[RISK_ARGV + 4] most orders per address (0: off)   ARGV[RISK_ARGV + 5] its mode
+-- ARGV[RISK_ARGV + 6] velocity subjects counted here (one Redis; absent or 0: the gateway
+--         counted them), then per subject i: rule, mode, window ms, most at
+--         ARGV[RISK_ARGV + 6 + 4(i-1) + 1..4], its counter at KEYS[RISK_KEYS + 1 + i]
 --
 -- Returns one of
 --   {"ok", order_id, quantity, expires_at_ms, stock_left, sku_stock_left}
@@ -66,6 +69,7 @@
 --! include take_token.lua
 --! include turns.lua
 --! include risk.lua
+--! include risk_velocity.lua
 
 -- base offsets of the optional groups (renumbered here when another group is added)
 local TURN_KEYS = 13
@@ -98,9 +102,14 @@ if stored then
   return {'replay', answer[2], answer[3], answer[4]}
 end
 
+-- velocity counted in this step (one Redis): ARGV[RISK_ARGV + 6] subjects, each
+-- "rule, mode, window ms, most" after it, their counters at KEYS[RISK_KEYS + 2 ...]
+local velocity_n = tonumber(ARGV[RISK_ARGV + 6] or '') or 0
+
 -- switches answer here; the local admission bucket is a rate limit, so in a sale with
--- registration it answers after the registration, turn and risk checks, as the contract orders
-local limited_locally = gate == 'rate_limited' and meta[9]
+-- registration (or with velocity to count) it answers after the registration, turn and risk
+-- checks, as the contract orders
+local limited_locally = gate == 'rate_limited' and (meta[9] or velocity_n > 0)
 if gate ~= '' and not limited_locally then
   return {gate}
 end
@@ -126,6 +135,13 @@ local address_hash = given(21, '')
 if not (starts_at_ms and limit and limit >= 1 and price and price >= 0) then
   -- a caller's bug, not a shopper's outcome: refuse before any write
   return redis.error_reply('ERR reserve_stock: malformed terms (start, limit, price)')
+end
+for i = 1, velocity_n do
+  local at = RISK_ARGV + 6 + (i - 1) * 4
+  local window, most = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+  if not (KEYS[RISK_KEYS + 1 + i] and window and window >= 1000 and most and most >= 1) then
+    return redis.error_reply('ERR reserve_stock: malformed velocity ' .. i)
+  end
 end
 
 local t = redis.call('TIME')
@@ -159,10 +175,19 @@ local risk_on = KEYS[RISK_KEYS + 1] ~= nil
 local device = risk_on and given(RISK_ARGV + 1, '') or ''
 local risk_hits = {}
 if risk_on then
+  -- the attempt's own count, like a rate-limit token: every attempt counts, refused ones too
+  local pre = ARGV[RISK_ARGV + 0] or ''
+  for i = 1, velocity_n do
+    local at = RISK_ARGV + 6 + (i - 1) * 4
+    if velocity_count(KEYS[RISK_KEYS + 1 + i], tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4]),
+                      now_ms) then
+      pre = pre .. (pre == '' and '' or ',') .. ARGV[at + 1] .. ':' .. ARGV[at + 2]
+    end
+  end
   local refused
   refused, risk_hits = risk_assess(
     KEYS[RISK_KEYS + 0], KEYS[RISK_KEYS + 1], user, device, address_hash,
-    ARGV[RISK_ARGV + 0],
+    pre,
     {ARGV[RISK_ARGV + 2], ARGV[RISK_ARGV + 3], ARGV[RISK_ARGV + 4], ARGV[RISK_ARGV + 5]})
   if refused then
     return risk_reply({'risk_refused', refused}, risk_hits)

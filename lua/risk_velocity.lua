@@ -14,18 +14,12 @@
 -- A sliding window, approximated from two fixed ones: the previous window's count weighted by
 -- the share of it still inside the sliding window, plus the current one. Every attempt counts,
 -- refused ones included: a subject that keeps hammering stays over the rate.
+--
+-- Library (above the standalone marker; reserve_stock.lua inlines it to count a purchase
+-- attempt in the purchase's own step on one Redis, saving a round trip):
+--   velocity_count(key, window_ms, most, now_ms) -> over (bool), attempts (floor)
 
-for i = 1, #KEYS do
-  local window, most = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  if not (window and window >= 1000 and most and most >= 1) then
-    return redis.error_reply('ERR risk_velocity: malformed window or max for key ' .. i)
-  end
-end
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local answer = {}
-for i, key in ipairs(KEYS) do
-  local window, most = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+local function velocity_count(key, window, most, now_ms)
   local index = math.floor(now_ms / window)
   local state = redis.call('HMGET', key, 'w', 'c', 'p')
   local stored = tonumber(state[1])
@@ -40,7 +34,23 @@ for i, key in ipairs(KEYS) do
   local attempts = previous * (1 - elapsed) + current
   redis.call('HSET', key, 'w', index, 'c', current, 'p', previous)
   redis.call('PEXPIRE', key, 2 * window)
-  answer[#answer + 1] = attempts > most and 1 or 0
-  answer[#answer + 1] = math.floor(attempts)
+  return attempts > most, math.floor(attempts)
+end
+
+--! standalone
+for i = 1, #KEYS do
+  local window, most = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  if not (window and window >= 1000 and most and most >= 1) then
+    return redis.error_reply('ERR risk_velocity: malformed window or max for key ' .. i)
+  end
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local answer = {}
+for i, key in ipairs(KEYS) do
+  local over, attempts = velocity_count(key, tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i]),
+                                        now_ms)
+  answer[#answer + 1] = over and 1 or 0
+  answer[#answer + 1] = attempts
 end
 return answer

@@ -123,7 +123,10 @@ async def decide(
         return Decision(error=_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT)
 
     wait = 0.0
-    if not gate and not screening.refused:
+    # velocity: on one Redis the purchase script counts it in its own step (no round trip of
+    # its own); on a Cluster each subject's counter sits in a slot of its own, asked first
+    count_in_script = risk.one_call and not gate and not screening.refused
+    if not gate and not screening.refused and not count_in_script:
         try:
             screening = await services.redis_breaker.call(lambda: risk.screen_velocity(screening))
         except BreakerOpen:
@@ -134,8 +137,8 @@ async def decide(
         if wait:
             gate = "rate_limited"
     risk_parts = (
-        risk.script_keys(activity_id, screening),
-        risk.script_args(activity_id, screening),
+        risk.script_keys(activity_id, screening, velocity=count_in_script),
+        risk.script_args(activity_id, screening, velocity=count_in_script),
     )
     try:
         reservation = await services.redis_breaker.call(

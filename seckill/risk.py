@@ -487,15 +487,32 @@ class Risk:
             return screening  # refused already: the attempt is not worth a round trip
         return await self.screen_velocity(screening)
 
-    def script_keys(self, activity_id: str, screening: Screening) -> list[str]:
-        """KEYS appended to reserve_stock.lua's from RISK_KEYS."""
-        return keys.risk_reserve_keys(activity_id, screening.subject.device)
+    def script_keys(
+        self, activity_id: str, screening: Screening, velocity: bool = False
+    ) -> list[str]:
+        """KEYS appended to reserve_stock.lua's from RISK_KEYS (with ``velocity``, the
+        counters the script counts this attempt on, after them)."""
+        found = keys.risk_reserve_keys(activity_id, screening.subject.device)
+        if velocity:
+            subject = screening.subject
+            found += [
+                keys.velocity(kind, subject.of(kind)) for kind in self._velocity_kinds(subject)
+            ]
+        return found
 
-    def script_args(self, activity_id: str, screening: Screening) -> list[str | int]:
-        """ARGV appended to reserve_stock.lua's from RISK_ARGV."""
+    def _velocity_kinds(self, subject: Subject) -> list[str]:
+        rules = self.rules
+        return [kind for kind in KINDS if rules.velocity(kind).on and subject.of(kind)]
+
+    def script_args(
+        self, activity_id: str, screening: Screening, velocity: bool = False
+    ) -> list[str | int]:
+        """ARGV appended to reserve_stock.lua's from RISK_ARGV (with ``velocity``, each
+        velocity rule to count in the script: on one Redis that saves the purchase a round
+        trip, where the gateway's own count (screen_velocity) would cost one)."""
         rules = self.rules.for_activity(activity_id)
         devices, addresses = rules.device_accounts, rules.address_orders
-        return [
+        args: list[str | int] = [
             screening.argument(),
             screening.subject.device,
             devices.most if devices.on else 0,
@@ -503,6 +520,13 @@ class Risk:
             addresses.most if addresses.on else 0,
             addresses.script_mode(),
         ]
+        if velocity:
+            kinds = self._velocity_kinds(screening.subject)
+            args.append(len(kinds))
+            for kind in kinds:
+                rule = self.rules.velocity(kind)
+                args += [f"{kind}_velocity", rule.script_mode(), rule.window_s * 1000, rule.most]
+        return args
 
     def record(
         self,
