@@ -38,27 +38,41 @@ def _call(
         return exc.code, dict(exc.headers), json.loads(exc.read() or b"null")
 
 
+def _start_gateway(env: dict[str, str], cwd: Path, name: str) -> tuple[Any, str]:
+    """A `seckill serve` that said it is serving; one that exits first (its port taken in the
+    meantime on a busy machine) is tried again on another port, its log kept for the failure."""
+    logs = []
+    for attempt in range(3):
+        port = free_port()
+        log_path = cwd / f"{name}-{attempt}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "seckill", "serve", "--port", str(port)],
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        assert process.stdout is not None
+        if process.stdout.readline().startswith(b"seckill serving on"):
+            return process, f"http://127.0.0.1:{port}"
+        process.kill()
+        process.wait(15)
+        logs.append(log_path.read_text()[-2000:])
+    raise AssertionError("seckill serve did not start:\n" + "\n---\n".join(logs))
+
+
 @pytest.fixture
 def gateways(redis_url: str, tmp_path: Path) -> Iterator[list[str]]:
     """Two `seckill serve` processes sharing the test Redis."""
     env = {**CLEAN_ENV, "SECKILL_REDIS_URL": redis_url, "SECKILL_DEV": "1"}
-    processes, urls = [], []
-    for _ in range(2):
-        port = free_port()
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "seckill", "serve", "--port", str(port)],
-                env=env,
-                cwd=tmp_path,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        urls.append(f"http://127.0.0.1:{port}")
+    processes: list[Any] = []
+    urls = []
     try:
-        for process in processes:
-            assert process.stdout is not None
-            assert process.stdout.readline().startswith(b"seckill serving on")
+        for n in range(2):
+            process, url = _start_gateway(env, tmp_path, f"gateway-{n}")
+            processes.append(process)
+            urls.append(url)
         yield urls
     finally:
         for process in processes:
