@@ -12,8 +12,8 @@ other shopper (a family).
 
 In a lottery sale (SECKILL_LT_ADMISSION=lottery) everyone registers before the start; a
 shopper then polls GET /api/v1/activities/{id}/queue at a mini program's pace (never faster
-than once a second: eta_s halved, or one second per hundred positions ahead while no ETA is
-known, at most a minute apart, and never sooner than a 429's Retry-After), buys once the
+than once a second: one second per hundred positions ahead, or half of eta_s if sooner, at
+most a minute apart, and never sooner than a 429's Retry-After), buys once the
 answer says `admitted` (409 not_your_turn: back to polling), and gives up when its turn has
 passed, was used, or the sale ended.
 
@@ -191,16 +191,16 @@ def _register(client: Any, headers: dict[str, str], name: str, role: str, user_i
 
 
 def _poll_interval(standing: dict[str, Any]) -> float:
-    """How long a mini program waits before asking again: half the ETA, or a second per
-    hundred positions ahead while no ETA is known; 1 s to 60 s, jittered."""
+    """How long a mini program waits before asking again: a second per hundred positions
+    ahead, or half the ETA if that is sooner; 1 s to 60 s, jittered (2 s knowing neither)."""
     eta = standing.get("eta_s")
     ahead = standing.get("ahead")
+    waits = []
     if isinstance(eta, int | float) and eta >= 0:
-        wait = eta / 2
-    elif isinstance(ahead, int) and ahead >= 0:
-        wait = ahead / 100
-    else:
-        wait = 2.0
+        waits.append(eta / 2)
+    if isinstance(ahead, int) and ahead >= 0:
+        waits.append(ahead / 100)
+    wait = min(waits) if waits else 2.0
     return min(max(wait, 1.0), 60.0) * random.uniform(1.0, 1.3)
 
 
