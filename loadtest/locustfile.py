@@ -404,11 +404,9 @@ class Bot(FastHttpUser):
                 OUTCOMES[f"bot_poll_{response.status_code}"] += 1
                 response.success()
 
-    @task(2)
+    @task(2 if LOTTERY else 0)  # weight 0: not a task at all, fcfs bots' mix is unchanged
     def queue(self) -> None:
         """A lottery sale: asks for its turn in bursts, far faster than the queue allows."""
-        if not LOTTERY:
-            return
         for _ in range(3):
             with self.client.get(
                 QUEUE_URL, headers=self.auth, name="GET queue (bot)", catch_response=True
