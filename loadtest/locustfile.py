@@ -10,11 +10,19 @@ sends the generic signed callback.
 Each has a phone of their own (X-Device-Id) and a home address; a few share both with one
 other shopper (a family).
 
+In a lottery sale (SECKILL_LT_ADMISSION=lottery) everyone registers before the start; a
+shopper then polls GET /api/v1/activities/{id}/queue at a mini program's pace (never faster
+than once a second: one second per hundred positions ahead, or half of eta_s if sooner, at
+most a minute apart, and never sooner than a 429's Retry-After), buys once the
+answer says `admitted` (409 not_your_turn: back to polling), and gives up when its turn has
+passed, was used, or the sale ended.
+
 Bots behave like a scalper's farm: many accounts on few phones (20 accounts per device),
 one warehouse address per 50 accounts, firing before the start second because they trust no
 clock, hammering with fresh Idempotency-Keys, replaying keys, sending forged tokens, polling
 their orders faster than allowed, and never paying: a reservation is held until it expires
-(reserve-and-abandon), then bought again. An optional ops user flips a flag mid-sale.
+(reserve-and-abandon), then bought again. In a lottery sale they register every account
+too and poll the queue far faster than allowed. An optional ops user flips a flag mid-sale.
 
 Every user counts under its role (shopper, bot): how many there were, which orders they won,
 which were refused by a risk rule; the verdict turns that into per-capita win rates.
@@ -27,7 +35,8 @@ that costs nothing). Environment (set by run.py):
   SECKILL_LT_SPAWN_RATE, SECKILL_LT_DURATION_S, SECKILL_LT_OPS ("1": the ops user runs),
   SECKILL_LT_PRICE_CENTS, SECKILL_LT_REGISTER ("1": everyone registers first, once
   POST /api/v1/activities/{id}/registration exists), SECKILL_LT_BOT_LEAD_S (how early bots
-  start firing, default 1.5), SECKILL_LT_WECHATPAY_URL.
+  start firing, default 1.5), SECKILL_LT_WECHATPAY_URL, SECKILL_LT_ADMISSION ("lottery":
+  shoppers follow the queue).
 """
 
 from __future__ import annotations
@@ -59,6 +68,11 @@ ORDER_URL = f"/api/v1/activities/{ACTIVITY}/orders"
 WECHATPAY_URL = os.environ.get("SECKILL_LT_WECHATPAY_URL", "")
 REGISTRATION_URL = f"/api/v1/activities/{ACTIVITY}/registration"
 REGISTER = os.environ.get("SECKILL_LT_REGISTER") == "1"
+LOTTERY = os.environ.get("SECKILL_LT_ADMISSION") == "lottery"
+QUEUE_URL = f"/api/v1/activities/{ACTIVITY}/queue"
+END_AT = START_AT + float(os.environ.get("SECKILL_LT_DURATION_S", "30"))
+# a queue answer after which a shopper stops polling: the turn is over, or never comes
+FINAL_TURNS = {"passed", "used", "ended", "unplaced"}
 BOT_LEAD_S = float(os.environ.get("SECKILL_LT_BOT_LEAD_S", "1.5"))
 ACCOUNTS_PER_BOT_DEVICE = 20
 ACCOUNTS_PER_WAREHOUSE = 50
@@ -78,6 +92,9 @@ ACCEPTED: set[str] = set()
 USERS: Counter[str] = Counter()
 WON: dict[str, set[str]] = {"shopper": set(), "bot": set()}
 RISK_REFUSED: dict[str, set[str]] = {"shopper": set(), "bot": set()}
+# shoppers the gateway answered during the sale: their buy (a 202 or a business refusal, not
+# 429/503, a timeout or a lost socket), or in a lottery a queue answer after the start
+ANSWERED: set[str] = set()
 _TAG = f"{os.getpid()}"  # several load processes: their devices and addresses stay apart
 
 
@@ -101,6 +118,7 @@ def _write_outcomes() -> None:
                 "users": USERS,
                 "won": {role: sorted(ids) for role, ids in WON.items()},
                 "risk_refused": {role: sorted(ids) for role, ids in RISK_REFUSED.items()},
+                "answered": len(ANSWERED),
             },
             handle,
         )
@@ -162,11 +180,28 @@ def _count_answer(role: str, user_id: str, response: Any) -> str:
     return outcome
 
 
-def _register(client: Any, headers: dict[str, str], name: str) -> None:
+def _register(client: Any, headers: dict[str, str], name: str, role: str, user_id: str) -> None:
     """Registration before the sale (SECKILL_LT_REGISTER=1; the endpoint of the fair sale)."""
     with client.post(REGISTRATION_URL, headers=headers, name=name, catch_response=True) as r:
-        OUTCOMES[f"registration_{r.status_code}"] += 1
+        prefix = "" if role == "shopper" else "bot_"
+        OUTCOMES[f"{prefix}registration_{r.status_code}"] += 1
+        if r.status_code == 403 and _outcome(r) == "risk_refused":
+            RISK_REFUSED[role].add(user_id)  # a false positive, for a shopper
         r.success()
+
+
+def _poll_interval(standing: dict[str, Any]) -> float:
+    """How long a mini program waits before asking again: a second per hundred positions
+    ahead, or half the ETA if that is sooner; 1 s to 60 s, jittered (2 s knowing neither)."""
+    eta = standing.get("eta_s")
+    ahead = standing.get("ahead")
+    waits = []
+    if isinstance(eta, int | float) and eta >= 0:
+        waits.append(eta / 2)
+    if isinstance(ahead, int) and ahead >= 0:
+        waits.append(ahead / 100)
+    wait = min(waits) if waits else 2.0
+    return min(max(wait, 1.0), 60.0) * random.uniform(1.0, 1.3)
 
 
 class Shopper(FastHttpUser):
@@ -193,9 +228,51 @@ class Shopper(FastHttpUser):
     @task
     def story(self) -> None:
         self.client.get(f"/api/v1/activities/{ACTIVITY}", name="GET activity")
-        if REGISTER:
-            _register(self.client, self.auth, "POST registration")
+        if REGISTER or LOTTERY:
+            _register(self.client, self.auth, "POST registration", "shopper", self.user_id)
         _wait_for_start(jitter_s=0.5)  # the whole crowd taps within the start second
+        if LOTTERY:
+            while self._wait_for_turn():
+                if self._buy():
+                    return
+            return
+        self._buy()
+
+    def _wait_for_turn(self) -> bool:
+        """Poll the queue at a mini program's pace until admitted (True) or the turn is over
+        or the run is (False)."""
+        while time.time() < END_AT:
+            with self.client.get(
+                QUEUE_URL, headers=self.auth, name="GET queue", catch_response=True
+            ) as response:
+                if response.status_code == 429:
+                    OUTCOMES["queue_429"] += 1
+                    response.success()
+                    gevent.sleep(max(_retry_after(response), 1.0))
+                    continue
+                if response.status_code != 200:
+                    OUTCOMES[f"queue_{_outcome(response)}"] += 1
+                    if 400 <= response.status_code < 500 or response.status_code == 503:
+                        response.success()
+                    gevent.sleep(max(_retry_after(response), 2.0))
+                    continue
+                standing = json.loads(response.content)
+            turn = standing.get("turn")
+            if turn != "upcoming":
+                ANSWERED.add(self.user_id)  # told where it stands in the sale
+            if standing.get("admitted"):
+                OUTCOMES["queue_admitted"] += 1
+                return True
+            if turn in FINAL_TURNS:
+                OUTCOMES[f"queue_{turn}"] += 1
+                return False
+            gevent.sleep(_poll_interval(standing))
+        OUTCOMES["queue_still_waiting_at_the_end"] += 1
+        return False
+
+    def _buy(self) -> bool:
+        """One buy, retried with the same key after 429/503; then pay, cancel or leave. True
+        when the story is over (False: not this shopper's turn yet, back to the queue)."""
         key = uuid.uuid4().hex
         order_id = None
         for _ in range(5):
@@ -206,9 +283,11 @@ class Shopper(FastHttpUser):
                 name="POST order",
                 catch_response=True,
             ) as response:
-                _count_answer("shopper", self.user_id, response)
+                outcome = _count_answer("shopper", self.user_id, response)
                 if response.status_code in (202, 403, 409, 429, 503):
                     response.success()  # business answers, not load-test failures
+                    if response.status_code not in (429, 503):
+                        ANSWERED.add(self.user_id)
                 else:
                     response.failure(f"unexpected {response.status_code}")
                 if response.status_code == 202:
@@ -216,9 +295,12 @@ class Shopper(FastHttpUser):
             if response.status_code in (429, 503):
                 gevent.sleep(_retry_after(response))  # honour it, then retry with the same key
                 continue
+            if LOTTERY and outcome == "not_your_turn":
+                gevent.sleep(max(_retry_after(response), 1.0))
+                return False
             break
         if order_id is None:
-            return
+            return True
         self.client.get(f"/api/v1/orders/{order_id}", headers=self.auth, name="GET order")
         fate = random.random()
         if fate < 0.6 and WECHATPAY_URL:
@@ -246,6 +328,7 @@ class Shopper(FastHttpUser):
             OUTCOMES["cancelled"] += 1
         else:
             OUTCOMES["left_to_expire"] += 1
+        return True
 
     def _pay_with_wechat(self, order_id: str) -> None:
         """Prepay at the gateway, then pay at the local WeChat Pay (wx.requestPayment)."""
@@ -290,8 +373,8 @@ class Bot(FastHttpUser):
         self.address = _address(f"warehouse-{_TAG}-{n // ACCOUNTS_PER_WAREHOUSE}")
         self.replayed_key = uuid.uuid4().hex
         self.held: str | None = None
-        if REGISTER:
-            _register(self.client, self.auth, "POST registration (bot)")
+        if REGISTER or LOTTERY:
+            _register(self.client, self.auth, "POST registration (bot)", "bot", self.user_id)
         _wait_for_start(jitter_s=0.0, lead_s=BOT_LEAD_S)  # early: it trusts no clock
 
     @task(3)
@@ -319,6 +402,16 @@ class Bot(FastHttpUser):
                 catch_response=True,
             ) as response:
                 OUTCOMES[f"bot_poll_{response.status_code}"] += 1
+                response.success()
+
+    @task(2 if LOTTERY else 0)  # weight 0: not a task at all, fcfs bots' mix is unchanged
+    def queue(self) -> None:
+        """A lottery sale: asks for its turn in bursts, far faster than the queue allows."""
+        for _ in range(3):
+            with self.client.get(
+                QUEUE_URL, headers=self.auth, name="GET queue (bot)", catch_response=True
+            ) as response:
+                OUTCOMES[f"bot_queue_{response.status_code}"] += 1
                 response.success()
 
     def _post(self, auth: dict[str, str], key: str, name: str) -> None:

@@ -14,6 +14,9 @@ every accepted order is in the store, a bot won no more often per head than a sh
 
 --risk off starts the gateway with every risk rule off (the sale as it was before them);
 --register makes everyone register before the sale (the fair sale's registration endpoint).
+--admission lottery makes it a lottery sale (registration opens now, everyone registers before
+the start, shoppers follow the queue, each admitted turn has --claim-window seconds); after the
+sale `seckill draw verify` must verify the draw, or the verdict is FAIL.
 """
 
 from __future__ import annotations
@@ -137,13 +140,34 @@ def main(argv: list[str] | None = None) -> int:
         help="on: the shipped config/risk.toml; off: every risk rule off (started gateway only)",
     )
     parser.add_argument("--register", action="store_true", help="everyone registers first")
+    parser.add_argument(
+        "--admission",
+        choices=["fcfs", "lottery"],
+        default="fcfs",
+        help="lottery: registration, a drawn order, turns (implies --register)",
+    )
+    parser.add_argument(
+        "--claim-window", type=int, default=15, help="seconds an admitted turn lasts (lottery)"
+    )
+    parser.add_argument(
+        "--lead",
+        type=float,
+        help="seconds from now to the start (default: the spawn time + 3 s, and with "
+        "registration 1 s per 1,500 users more so every registration is answered in time)",
+    )
     parser.add_argument("--max-win-ratio", type=float, default=MAX_WIN_RATIO)
     parser.add_argument("--max-shoppers-refused", type=float, default=MAX_SHOPPERS_REFUSED)
     parser.add_argument(
         "--break-invariant", action="store_true", help=argparse.SUPPRESS
     )  # tests: corrupt the store before judging, so FAIL can be seen to happen
+    parser.add_argument(
+        "--break-draw", action="store_true", help=argparse.SUPPRESS
+    )  # tests: change the lottery's seed before verifying, so the draw can be seen to fail
     args = parser.parse_args(argv)
+    lottery = args.admission == "lottery"
+    register = args.register or lottery
 
+    began = time.monotonic()
     settings = settings_module.load()
     args.out.mkdir(parents=True, exist_ok=True)
     for stale in glob.glob(str(args.out / "outcomes-*.json")):
@@ -165,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         admin = settings.admin.token
         activity_id = f"lt-{int(time.time())}"
-        lead_s = args.users / args.spawn_rate + 3  # the crowd is complete before the start
+        lead_s = args.lead
+        if lead_s is None:  # the crowd is complete (and registered) before the start
+            lead_s = args.users / args.spawn_rate + 3 + (args.users / 1500 if register else 0)
         start = datetime.now(tz=UTC) + timedelta(seconds=lead_s)
         _call(
             "POST",
@@ -182,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                 "requires_address": True,  # it ships: bots need an address as much as shoppers
                 **(
                     {"registration_opens_at": datetime.now(tz=UTC).isoformat()}
-                    if args.register
+                    if register
+                    else {}
+                ),
+                **(
+                    {"admission": "lottery", "claim_window_s": args.claim_window}
+                    if lottery
                     else {}
                 ),
                 "starts_at": start.isoformat(),
@@ -212,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             "SECKILL_LT_OPS": "1" if args.ops else "0",
             "SECKILL_LT_WORKERS": str(max(args.workers, 1)),
             "SECKILL_LT_WECHATPAY_URL": wechatpay_url,
-            "SECKILL_LT_REGISTER": "1" if args.register else "0",
+            "SECKILL_LT_REGISTER": "1" if register else "0",
+            "SECKILL_LT_ADMISSION": args.admission,
         }
         # for workers on other machines: `set -a; . loadtest/out/env; set +a`
         (args.out / "env").write_text(
@@ -268,11 +300,27 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes[key] = outcomes.get(key, 0) + value
             accepted.update(data["accepted"])
         fairness = Fairness.from_outcomes(files)
+        answered = sum(int(data.get("answered", 0)) for data in files)
+        if lottery and args.break_draw:
+            _change_the_seed(work, activity_id)
+        draw = _verify_draw(work, activity_id) if lottery else None
         stats = read_stats(args.out / "seckill_stats.csv")
         history = read_stats(args.out / "seckill_stats_history.csv")
         reached = max((int(row["User Count"]) for row in history), default=0)
-        verdict = judge(report, accepted, fairness, args.max_win_ratio, args.max_shoppers_refused)
-        print(render(verdict, report, stats, outcomes, reached, args.users, fairness))
+        verdict = judge(
+            report,
+            accepted,
+            fairness,
+            args.max_win_ratio,
+            args.max_shoppers_refused,
+            draw_verified=None if draw is None else bool(draw.get("verified")),
+        )
+        print(render(verdict, report, stats, outcomes, reached, args.users, fairness, draw))
+        if fairness.shoppers:
+            print(
+                f"shoppers answered: {answered:,} of {fairness.shoppers:,}"
+                f" ({answered / fairness.shoppers:.1%})"
+            )
         (args.out / "verdict.json").write_text(
             json.dumps(
                 {
@@ -283,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
                     "users_reached": reached,
                     "users_wanted": args.users,
                     "risk": args.risk,
+                    "admission": args.admission,
+                    "draw": draw,
+                    "shoppers_answered": answered,
+                    "wall_time_s": round(time.monotonic() - began, 1),
                     "fairness": {
                         "shoppers": fairness.shoppers,
                         "bots": fairness.bots,
@@ -319,6 +371,44 @@ def _fake_wechatpay_url(work: Path) -> str:
         if name == "SECKILL_WECHATPAY_BASE_URL":
             return value
     raise SystemExit(f"no SECKILL_WECHATPAY_BASE_URL in {env_file}")
+
+
+def _change_the_seed(work: Path, activity_id: str) -> None:
+    """Swap the lottery's stored seed for another (tests: `draw verify` must then fail)."""
+    import redis
+
+    from seckill import keys, lottery
+
+    url = (work / "var" / "redis.url").read_text(encoding="utf-8").strip()
+    client = redis.Redis.from_url(url)
+    try:
+        client.hset(keys.draw(activity_id), "seed", lottery.new_seed())
+    finally:
+        client.close()
+
+
+def _verify_draw(work: Path, activity_id: str) -> dict[str, Any]:
+    """`seckill draw verify` beside the `seckill up` this started (or the Redis the environment
+    names): its JSON, with "verified" false when it does not verify or could not run."""
+    env = dict(os.environ)
+    if (work / "var" / "redis.url").exists():
+        env = {k: v for k, v in env.items() if not k.startswith("SECKILL_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "seckill", "--log-level", "WARNING", "draw", "verify", activity_id],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    try:
+        result: dict[str, Any] = json.loads(done.stdout)
+    except ValueError:
+        result = {"verified": False, "problems": [done.stderr.strip()[-500:] or "no output"]}
+    result["exit_code"] = done.returncode
+    if done.returncode != 0:
+        result["verified"] = False
+    return result
 
 
 def _drained_report(url: str, admin: str, activity_id: str, args: Any) -> dict[str, Any]:

@@ -86,11 +86,14 @@ def judge(
     fairness: Fairness | None = None,
     max_ratio: float = MAX_WIN_RATIO,
     max_refused: float = MAX_SHOPPERS_REFUSED,
+    draw_verified: bool | None = None,
 ) -> Verdict:
-    """PASS iff nothing was oversold, no user went over the limit, every order is stored, and
+    """PASS iff nothing was oversold, no user went over the limit, every order is stored,
     (given ``fairness``) bots won no more often per head than shoppers and risk rules refused
-    few enough shoppers."""
+    few enough shoppers, and (a lottery: ``draw_verified`` not None) the draw verified."""
     reasons: list[str] = []
+    if draw_verified is False:
+        reasons.append("DRAW NOT VERIFIED: `seckill draw verify` did not verify the lottery")
     sold = report["reserved"] + report["paid"]
     if sold > report["initial_stock"]:
         reasons.append(f"OVERSOLD: {sold} reserved+paid > stock {report['initial_stock']}")
@@ -145,6 +148,7 @@ def render(
     users_reached: int,
     users_wanted: int,
     fairness: Fairness | None = None,
+    draw: dict[str, Any] | None = None,
 ) -> str:
     """The printed summary: users, throughput, latency per endpoint, outcomes, fairness,
     verdict."""
@@ -180,6 +184,13 @@ def render(
         lines.append(
             f"risk rules refused {fairness.shoppers_refused:,} shoppers"
             f" ({fairness.refused_share:.2%}) and {fairness.bots_refused:,} bots"
+        )
+    if draw is not None:
+        lines.append(
+            f"draw: {'verified' if draw.get('verified') else 'NOT verified'}"
+            f" ({draw.get('registrants', '?')} registrants, commitment"
+            f" {str(draw.get('commitment', '?'))[:16]}...)"
+            + "".join(f"; {problem}" for problem in draw.get("problems") or [])
         )
     lines.append("")
     lines.append("VERDICT: PASS" if verdict.passed else "VERDICT: FAIL")

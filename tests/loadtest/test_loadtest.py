@@ -83,6 +83,13 @@ def test_the_fairness_bar_is_exactly_one_to_one() -> None:
     assert not judge(GOOD, set(), Fairness(1000, 20, 100, 2, 5), max_ratio=0.99).passed
 
 
+def test_a_draw_that_does_not_verify_fails() -> None:
+    assert judge(GOOD, set(), FAIR, draw_verified=True).passed
+    verdict = judge(GOOD, set(), FAIR, draw_verified=False)
+    assert not verdict.passed
+    assert any("DRAW NOT VERIFIED" in r for r in verdict.reasons), verdict.reasons
+
+
 def _run(
     out: Path, *extra: str, users: int = 200, stock: int = 40, duration: int = 6
 ) -> tuple[int, dict[str, Any], str]:
@@ -156,3 +163,30 @@ def test_risk_rules_make_a_small_sale_fair_and_without_them_it_fails(tmp_path: P
     assert any("UNFAIR" in reason for reason in verdict["reasons"]), verdict["reasons"]
     assert verdict["fairness"]["bots_refused"] == 0
     assert verdict["report"]["consistent"], "unfair, yet every invariant held"
+
+
+def test_a_small_lottery_sale_is_fair_and_its_draw_verifies(tmp_path: Path) -> None:
+    """Everyone registers, shoppers follow the queue and buy when admitted, the bot farm
+    hammers and polls: with the shipped rules bots win no more per head than shoppers, no
+    shopper is refused, the draw verifies; a seed changed after the sale fails the verdict."""
+    lottery = ("--admission", "lottery", "--claim-window", "4")
+    code, verdict, output = _run(tmp_path / "lottery", *lottery, users=1000, stock=60, duration=12)
+    assert code == 0, output[-3000:]
+    assert "draw: verified" in output
+    assert verdict["draw"]["verified"] is True
+    assert verdict["draw"]["registrants"] > 900, "the shoppers registered before the start"
+    outcomes = verdict["outcomes"]
+    assert outcomes.get("queue_admitted", 0) > 0, "shoppers were admitted in turn"
+    assert outcomes.get("bot_queue_429", 0) > 0, "bots polled faster than allowed"
+    fairness = verdict["fairness"]
+    assert fairness["shopper_wins"] >= 60, "the stock went to shoppers"
+    assert fairness["ratio"] <= 1.0
+    assert fairness["shoppers_refused_share"] <= 0.005
+    assert verdict["shoppers_answered"] >= 0.99 * fairness["shoppers"]
+    assert verdict["report"]["consistent"]
+
+    code, verdict, output = _run(
+        tmp_path / "tampered", *lottery, "--break-draw", users=200, stock=20, duration=6
+    )
+    assert code == 1, output[-3000:]
+    assert any("DRAW NOT VERIFIED" in reason for reason in verdict["reasons"]), verdict["reasons"]
