@@ -206,15 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                 "per_user_limit": args.per_user_limit,
                 "payment_timeout_s": args.payment_timeout,
                 "requires_address": True,  # it ships: bots need an address as much as shoppers
+                **({"registration_opens_at": datetime.now(tz=UTC).isoformat()} if register else {}),
                 **(
-                    {"registration_opens_at": datetime.now(tz=UTC).isoformat()}
-                    if register
-                    else {}
-                ),
-                **(
-                    {"admission": "lottery", "claim_window_s": args.claim_window}
-                    if lottery
-                    else {}
+                    {"admission": "lottery", "claim_window_s": args.claim_window} if lottery else {}
                 ),
                 "starts_at": start.isoformat(),
                 "ends_at": (start + timedelta(seconds=args.duration + 60)).isoformat(),
