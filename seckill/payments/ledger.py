@@ -8,7 +8,8 @@ Everything lives under the order's activity hash tag, beside the order it is abo
   refund_required (created by confirm_payment.lua), moved on by refund_update.lua, which also
   tells the order writer, so the store holds every refund's state.
 - ``sk:payments:suspicious``: notices that verified but must not be believed as payments (not
-  our merchant, a wrong amount, an unknown order): kept, capped, for a person.
+  our merchant, a wrong amount, an unknown order): kept 30 days for a person (trimmed by
+  MINID, never by count).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from seckill import keys
 from seckill.errors import RedisUnavailable
 from seckill.scripts import CONNECTION_ERRORS, Scripts
 
-SUSPICIOUS_MAX = 10_000
+# kept by age, never by count: a flood of bad notices cannot push out the one a person needs
+SUSPICIOUS_KEPT_MS = 30 * 86_400_000
 # a refund number's order id is kept as long as a provider may still send notices about it
 REFUND_NUMBER_TTL_S = 400 * 86_400
 
@@ -295,13 +297,14 @@ class Ledger:
 
     async def suspicious(self, reason: str, **fields: str | int | None) -> None:
         """Keep a notice or answer that verified but must not be believed, for a person."""
-        entry = {"reason": reason, "at_ms": str(int(time.time() * 1000))}
+        now_ms = int(time.time() * 1000)
+        entry = {"reason": reason, "at_ms": str(now_ms)}
         entry.update({k: str(v) for k, v in fields.items() if v is not None})
         try:
             await self._client.xadd(
                 keys.SUSPICIOUS_PAYMENTS,
                 entry,  # type: ignore[arg-type]
-                maxlen=SUSPICIOUS_MAX,
+                minid=str(now_ms - SUSPICIOUS_KEPT_MS),
                 approximate=True,
             )
         except CONNECTION_ERRORS as exc:

@@ -190,7 +190,7 @@ async def flags_audit(request: web.Request) -> web.Response:
     return web.json_response({"entries": entries})
 
 
-@routes.put("/admin/v1/risk/deny/{kind}/{value:.+}", name="admin_risk_deny_put")
+@routes.put("/admin/v1/risk/deny/{kind}/{value}", name="admin_risk_deny_put")
 async def put_deny(request: web.Request) -> web.Response:
     """Deny a user, device or IP (for ttl_s seconds, or until deleted); audited."""
     services = request.app[SERVICES]
@@ -207,7 +207,7 @@ async def put_deny(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-@routes.delete("/admin/v1/risk/deny/{kind}/{value:.+}", name="admin_risk_deny_delete")
+@routes.delete("/admin/v1/risk/deny/{kind}/{value}", name="admin_risk_deny_delete")
 async def delete_deny(request: web.Request) -> web.Response:
     """Take a user, device or IP off the deny list; audited."""
     services = request.app[SERVICES]
