@@ -7,16 +7,15 @@ not parse or validate is counted and logged, and the rules in force stay as they
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import math
-import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seckill.rulefile import RuleFile
 from seckill.stock import Limits
 from seckill.throttle import LocalBucket
 
@@ -110,53 +109,31 @@ def parse(text: str) -> tuple[Rule, dict[str, Rule]]:
     return default, per_activity
 
 
-class Rules:
+class Rules(RuleFile):
+    """config/limits.toml in force: rate limits per activity and per user's order reads."""
+
+    kind = "limits"
+
     def __init__(self, path: Path, *, gateway_processes: int = 1) -> None:
-        self.path = path
+        super().__init__(path)
         self.gateway_processes = gateway_processes
         self.default = Rule()
         self.per_activity: dict[str, Rule] = {}
         self.orders = OrderRule()
         # (scope, user) -> bucket; scope: read, cancel
         self._order_buckets: dict[tuple[str, str], tuple[OrderRule, LocalBucket]] = {}
-        self.reloads = 0
-        self.reload_errors = 0
         # (activity, scope, mode) -> refusals; scope: admission, user, ip
         self.refused: dict[tuple[str, str, str], int] = {}
-        self._mtime: float | None = None
         self._buckets: dict[str, tuple[Rule, float, LocalBucket]] = {}
-        self._closed = False
         self.maybe_reload()
 
     def for_activity(self, activity_id: str) -> Rule:
         return self.per_activity.get(activity_id, self.default)
 
-    def maybe_reload(self) -> bool:
-        """Re-read the file if it changed; on a bad file keep the rules in force."""
-        try:
-            mtime = os.stat(self.path).st_mtime
-        except OSError as exc:
-            if self._mtime is not None:
-                self.reload_errors += 1
-                log.error(
-                    "limits file %s unreadable (%s); keeping the rules in force", self.path, exc
-                )
-                self._mtime = None
-            return False
-        if mtime == self._mtime:
-            return False
-        self._mtime = mtime
-        try:
-            text = self.path.read_text(encoding="utf-8")
-            self.default, self.per_activity = parse(text)
-            self.orders = parse_orders(text)
-        except (OSError, ValueError) as exc:
-            self.reload_errors += 1
-            log.error("limits file %s refused (%s); keeping the rules in force", self.path, exc)
-            return False
-        self.reloads += 1
-        log.info("rate-limit rules loaded from %s", self.path)
-        return True
+    def apply(self, text: str) -> None:
+        default, per_activity = parse(text)
+        orders = parse_orders(text)
+        self.default, self.per_activity, self.orders = default, per_activity, orders
 
     def admit(self, activity_id: str, rule: Rule, factor: float) -> float:
         """The local admission bucket: 0 when admitted, else seconds until a token is back.
@@ -205,15 +182,6 @@ class Rules:
         """One refusal (or, in shadow mode, one that would have been)."""
         key = (activity_id, scope, "shadow" if shadow else "enforced")
         self.refused[key] = self.refused.get(key, 0) + 1
-
-    def close(self) -> None:
-        self._closed = True
-
-    async def run(self, interval_s: float = 1.0) -> None:
-        """Poll the file for changes until closed."""
-        while not self._closed:
-            await asyncio.sleep(interval_s)
-            self.maybe_reload()
 
 
 def parse_orders(text: str) -> OrderRule:

@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import hmac
 import logging
-import os
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from redis.asyncio import Redis
 from seckill import clock, keys
 from seckill.denylist import KINDS, DenyList, normalise_ip
 from seckill.events import reraise_pending_cancel
+from seckill.rulefile import RuleFile
 from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
 
 log = logging.getLogger(__name__)
@@ -167,51 +167,18 @@ def parse(text: str) -> RiskRules:
     return dataclasses.replace(default, activities=activities)
 
 
-class RulesFile:
-    """config/risk.toml, re-read when it changes; a bad file is counted, the old rules kept."""
+class RulesFile(RuleFile):
+    """config/risk.toml in force, re-read when it changes."""
+
+    kind = "risk"
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        super().__init__(path)
         self.rules = RiskRules()
-        self.reloads = 0
-        self.reload_errors = 0
-        self._mtime: float | None = None
-        self._closed = False
         self.maybe_reload()
 
-    def maybe_reload(self) -> bool:
-        """Re-read the file if it changed; on a bad or unreadable file keep the rules in force."""
-        try:
-            mtime = os.stat(self.path).st_mtime
-        except OSError as exc:
-            if self._mtime is not None:
-                self.reload_errors += 1
-                log.error(
-                    "risk file %s unreadable (%s); keeping the rules in force", self.path, exc
-                )
-                self._mtime = None
-            return False
-        if mtime == self._mtime:
-            return False
-        self._mtime = mtime
-        try:
-            self.rules = parse(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            self.reload_errors += 1
-            log.error("risk file %s refused (%s); keeping the rules in force", self.path, exc)
-            return False
-        self.reloads += 1
-        log.info("risk rules loaded from %s", self.path)
-        return True
-
-    def close(self) -> None:
-        self._closed = True
-
-    async def run(self, interval_s: float = 1.0) -> None:
-        """Poll the file for changes until closed."""
-        while not self._closed:
-            await asyncio.sleep(interval_s)
-            self.maybe_reload()
+    def apply(self, text: str) -> None:
+        self.rules = parse(text)
 
 
 def hash_key(configured: str, jwt_secret: str) -> bytes:
