@@ -9,7 +9,7 @@ import ipaddress
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -209,6 +209,42 @@ def _redis_settings(settings: Settings) -> Settings | None:
         )
         return None
     return settings.replace("redis", url=url)
+
+
+def _on_redis(
+    settings: Settings,
+    activity_id: str | None,
+    command: Callable[[Redis], Coroutine[Any, Any, int]],
+    unreachable: int = 1,
+) -> int:
+    """Run an ops command's coroutine on a Redis client (closed afterwards): exit 2 without a
+    Redis URL or with a malformed activity id, ``unreachable`` when Redis does not answer."""
+    import asyncio
+
+    from seckill import keys
+    from seckill.errors import RedisUnavailable
+    from seckill.scripts import CONNECTION_ERRORS
+    from seckill.web.app import redis_client
+
+    resolved = _redis_settings(settings)
+    if resolved is None:
+        return 2
+    if activity_id is not None and not keys.ID_PATTERN.fullmatch(activity_id):
+        print(f"seckill: not an activity id: {activity_id!r}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        client = redis_client(resolved)
+        try:
+            return await command(client)
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(run())
+    except (*CONNECTION_ERRORS, RedisUnavailable) as exc:  # type: ignore[misc]
+        print(f"seckill: Redis unreachable: {redact(str(exc))}", file=sys.stderr)
+        return unreachable
 
 
 @contextlib.asynccontextmanager
@@ -435,52 +471,32 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_deadletters(settings: Settings, args: argparse.Namespace) -> int:
     """`deadletters list|replay ACTIVITY_ID`: show the entries parked for a person, or re-queue
     them to the stream they came from (as new entries, written again by the writers)."""
-    import asyncio
     import json
 
     from seckill import keys
-    from seckill.errors import RedisUnavailable
     from seckill.orders import deadletters
-    from seckill.scripts import CONNECTION_ERRORS
-    from seckill.web.app import redis_client
 
-    resolved = _redis_settings(settings)
-    if resolved is None:
-        return 2
-    settings = resolved
-    if not keys.ID_PATTERN.fullmatch(args.activity_id):
-        print(f"seckill: not an activity id: {args.activity_id!r}", file=sys.stderr)
-        return 2
+    async def command(client: Redis) -> int:
+        if args.action == "list":
+            # JSON lines: one dead letter each (id, origin, reason, attempts, summary)
+            cursor = "-"
+            while True:
+                page: Any = await client.xrange(
+                    keys.dead_letters(args.activity_id), min=cursor, max="+", count=500
+                )
+                for dead_id, fields in page:
+                    entry = deadletters.describe(dead_id.decode(), dict(fields))
+                    print(json.dumps(entry, sort_keys=True))
+                if len(page) < 500:
+                    return 0
+                cursor = "(" + page[-1][0].decode()
+        replayed, refused = await deadletters.replay(client, args.activity_id)
+        print(json.dumps({"activity_id": args.activity_id, "replayed": replayed}))
+        for line in refused:
+            print(f"seckill: not replayed: {line}", file=sys.stderr)
+        return 1 if refused else 0
 
-    async def run() -> int:
-        client = redis_client(settings)
-        try:
-            if args.action == "list":
-                # JSON lines: one dead letter each (id, origin, reason, attempts, summary)
-                cursor = "-"
-                while True:
-                    page: Any = await client.xrange(
-                        keys.dead_letters(args.activity_id), min=cursor, max="+", count=500
-                    )
-                    for dead_id, fields in page:
-                        entry = deadletters.describe(dead_id.decode(), dict(fields))
-                        print(json.dumps(entry, sort_keys=True))
-                    if len(page) < 500:
-                        return 0
-                    cursor = "(" + page[-1][0].decode()
-            replayed, refused = await deadletters.replay(client, args.activity_id)
-            print(json.dumps({"activity_id": args.activity_id, "replayed": replayed}))
-            for line in refused:
-                print(f"seckill: not replayed: {line}", file=sys.stderr)
-            return 1 if refused else 0
-        finally:
-            await client.aclose()
-
-    try:
-        return asyncio.run(run())
-    except (*CONNECTION_ERRORS, RedisUnavailable) as exc:  # type: ignore[misc]
-        print(f"seckill: Redis unreachable: {exc}", file=sys.stderr)
-        return 1
+    return _on_redis(settings, args.activity_id, command)
 
 
 def cmd_refunds(settings: Settings, args: argparse.Namespace) -> int:
@@ -488,95 +504,61 @@ def cmd_refunds(settings: Settings, args: argparse.Namespace) -> int:
     puts refunds that need a person (or wait for a later try) back on the refunder's queue now;
     the running writer's refunder asks again with the same refund number (never a second
     refund)."""
-    import asyncio
     import json
 
     from seckill import keys
-    from seckill.errors import RedisUnavailable
     from seckill.payments.ledger import Ledger
-    from seckill.scripts import CONNECTION_ERRORS, Scripts
-    from seckill.web.app import redis_client
+    from seckill.scripts import Scripts
 
-    resolved = _redis_settings(settings)
-    if resolved is None:
-        return 2
-    settings = resolved
-    if args.activity_id is not None and not keys.ID_PATTERN.fullmatch(args.activity_id):
-        print(f"seckill: not an activity id: {args.activity_id!r}", file=sys.stderr)
-        return 2
-
-    async def run() -> int:
-        client = redis_client(settings)
+    async def command(client: Redis) -> int:
         ledger = Ledger(client, Scripts.from_dir())
-        try:
-            if args.action == "list":
-                activities = [args.activity_id]
-                if args.activity_id is None:
-                    members: Any = await client.smembers(keys.ACTIVITIES)
-                    activities = sorted(m.decode() for m in members)
-                for activity_id in activities:
-                    for record in await ledger.refunds(activity_id):
-                        print(json.dumps(record.public(), sort_keys=True, ensure_ascii=False))
-                return 0
-            now_ms = int(1000 * (await client.time())[0])
-            retried = 0
-            for record in await ledger.refunds(args.activity_id):
-                if args.order and record.order_id != args.order:
-                    continue
-                if record.status == "refunded":
-                    continue
-                # attention goes back to pending (asked again: same refund number); pending
-                # and processing are simply tried now
-                status = "pending" if record.status == "attention" else record.status
-                after = record.moved(status=status, reason="retried by ops")
-                if await ledger.move_refund(record, after, now_ms):
-                    retried += 1
-            print(json.dumps({"activity_id": args.activity_id, "retried": retried}))
+        if args.action == "list":
+            activities = [args.activity_id]
+            if args.activity_id is None:
+                members: Any = await client.smembers(keys.ACTIVITIES)
+                activities = sorted(m.decode() for m in members)
+            for activity_id in activities:
+                for record in await ledger.refunds(activity_id):
+                    print(json.dumps(record.public(), sort_keys=True, ensure_ascii=False))
             return 0
-        finally:
-            await client.aclose()
+        now_ms = int(1000 * (await client.time())[0])
+        retried = 0
+        for record in await ledger.refunds(args.activity_id):
+            if args.order and record.order_id != args.order:
+                continue
+            if record.status == "refunded":
+                continue
+            # attention goes back to pending (asked again: same refund number); pending
+            # and processing are simply tried now
+            status = "pending" if record.status == "attention" else record.status
+            after = record.moved(status=status, reason="retried by ops")
+            if await ledger.move_refund(record, after, now_ms):
+                retried += 1
+        print(json.dumps({"activity_id": args.activity_id, "retried": retried}))
+        return 0
 
-    try:
-        return asyncio.run(run())
-    except (*CONNECTION_ERRORS, RedisUnavailable) as exc:  # type: ignore[misc]
-        print(f"seckill: Redis unreachable: {exc}", file=sys.stderr)
-        return 1
+    return _on_redis(settings, args.activity_id, command)
 
 
 def cmd_draw(settings: Settings, args: argparse.Namespace) -> int:
     """`draw verify ACTIVITY_ID [--seed HEX]`: recompute a lottery's order from its seed and
     registrants and check it against the commitment and the order in force; exit 0 when it
-    holds, 1 when not, 2 when there is nothing to verify."""
-    import asyncio
+    holds, 1 when not, 2 when there is nothing to verify (or Redis does not answer)."""
     import json
 
-    from seckill import keys, lottery
-    from seckill.errors import RedisUnavailable
-    from seckill.scripts import CONNECTION_ERRORS, Scripts
-    from seckill.web.app import redis_client
+    from seckill import lottery
+    from seckill.scripts import Scripts
 
-    resolved = _redis_settings(settings)
-    if resolved is None:
-        return 2
-    settings = resolved
-    if not keys.ID_PATTERN.fullmatch(args.activity_id):
-        print(f"seckill: not an activity id: {args.activity_id!r}", file=sys.stderr)
-        return 2
-
-    async def run() -> int:
-        client = redis_client(settings)
-        try:
-            drawer = lottery.Lottery(client, Scripts.from_dir())
-            stored = await drawer.read(args.activity_id)
-            if stored is None:
-                print(f"seckill: activity {args.activity_id!r} has no lottery", file=sys.stderr)
-                return 2
-            if args.seed:
-                stored = dataclasses.replace(stored, seed=args.seed)
-            registrants = await drawer.registrants(args.activity_id)
-            placed = await drawer.placed(args.activity_id)
-        finally:
-            await client.aclose()
+    async def command(client: Redis) -> int:
+        drawer = lottery.Lottery(client, Scripts.from_dir())
+        stored = await drawer.read(args.activity_id)
+        if stored is None:
+            print(f"seckill: activity {args.activity_id!r} has no lottery", file=sys.stderr)
+            return 2
+        if args.seed:
+            stored = dataclasses.replace(stored, seed=args.seed)
+        registrants = await drawer.registrants(args.activity_id)
+        placed = await drawer.placed(args.activity_id)
         found = lottery.problems(stored, registrants, placed)
         print(
             json.dumps(
@@ -595,11 +577,7 @@ def cmd_draw(settings: Settings, args: argparse.Namespace) -> int:
             print(f"seckill: draw not verified: {problem}", file=sys.stderr)
         return 1 if found else 0
 
-    try:
-        return asyncio.run(run())
-    except (*CONNECTION_ERRORS, RedisUnavailable) as exc:  # type: ignore[misc]
-        print(f"seckill: Redis unreachable: {redact(str(exc))}", file=sys.stderr)
-        return 2
+    return _on_redis(settings, args.activity_id, command, unreachable=2)
 
 
 def parser() -> argparse.ArgumentParser:
