@@ -95,32 +95,24 @@ class OrderService:
     ) -> None:
         """The loops that talk to WeChat Pay: deadline settler, reconciler, refunder."""
         from seckill.payments.ledger import Ledger
-        from seckill.payments.settlement import DeadlineSettler, Reconciler, Refunder
+        from seckill.payments.settlement import Books, DeadlineSettler, Reconciler, Refunder
         from seckill.payments.wechatpay import out_refund_no_for
 
         p = settings.payment
-        ledger = Ledger(client, scripts)
+        books = Books(stock, Ledger(client, scripts), provider, store.order)
         self.settler = DeadlineSettler(
-            stock,
-            ledger,
-            provider,
-            store.order,
+            books,
             backoff_base_s=p.deadline_backoff_s,
             backoff_max_s=p.deadline_backoff_max_s,
             hold_ceiling_s=p.hold_ceiling_s,
         )
         self.reconciler = Reconciler(
-            stock,
-            ledger,
-            provider,
-            store.order,
+            books,
             interval_s=p.reconcile_interval_s,
             quiet_s=p.reconcile_quiet_s,
         )
         self.refunder = Refunder(
-            stock,
-            ledger,
-            provider,
+            books,
             out_refund_no_for,
             interval_s=p.refund_interval_s,
             backoff_max_s=p.refund_backoff_max_s,

@@ -157,25 +157,38 @@ class SettlerStats:
     retries: int = 0  # the provider did not say: asked again later
 
 
-class DeadlineSettler:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Books:
+    """What every payment loop works on: the stock in Redis, the payment ledger, the provider,
+    and where orders retired from Redis are looked up."""
+
+    stock: Stock
+    ledger: Ledger
+    provider: PaymentProvider
+    retired: RetiredLookup | None
+
+
+class _PaymentLoop:
+    def __init__(self, books: Books) -> None:
+        self.stock = books.stock
+        self.ledger = books.ledger
+        self.provider = books.provider
+        self.retired = books.retired
+
+
+class DeadlineSettler(_PaymentLoop):
     """Due orders with a prepay: the provider decides, one bounded task per order."""
 
     def __init__(
         self,
-        stock: Stock,
-        ledger: Ledger,
-        provider: PaymentProvider,
-        retired: RetiredLookup | None,
+        books: Books,
         *,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
         hold_ceiling_s: float = 600.0,
         concurrency: int = 16,
     ) -> None:
-        self.stock = stock
-        self.ledger = ledger
-        self.provider = provider
-        self.retired = retired
+        super().__init__(books)
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.hold_ceiling_s = hold_ceiling_s
@@ -276,24 +289,18 @@ class ReconcilerStats:
     passes: int = 0
 
 
-class Reconciler:
+class Reconciler(_PaymentLoop):
     """Asks the provider about prepaid orders that stay quiet, so a lost callback loses nothing."""
 
     def __init__(
         self,
-        stock: Stock,
-        ledger: Ledger,
-        provider: PaymentProvider,
-        retired: RetiredLookup | None,
+        books: Books,
         *,
         interval_s: float = 30.0,
         quiet_s: float = 60.0,
         per_pass: int = 200,
     ) -> None:
-        self.stock = stock
-        self.ledger = ledger
-        self.provider = provider
-        self.retired = retired
+        super().__init__(books)
         self.interval_s = interval_s
         self.quiet_ms = int(quiet_s * 1000)
         self.per_pass = per_pass
@@ -389,14 +396,12 @@ class RefunderStats:
     attention: int = 0
 
 
-class Refunder:
+class Refunder(_PaymentLoop):
     """Refunds every refund_required payment, once, whatever fails on the way."""
 
     def __init__(
         self,
-        stock: Stock,
-        ledger: Ledger,
-        provider: PaymentProvider,
+        books: Books,
         refund_number: Callable[[str], str],
         *,
         interval_s: float = 1.0,
@@ -405,9 +410,7 @@ class Refunder:
         follow_up_s: float = 60.0,
         batch: int = 50,
     ) -> None:
-        self.stock = stock
-        self.ledger = ledger
-        self.provider = provider
+        super().__init__(books)
         self.refund_number = refund_number
         self.interval_s = interval_s
         self.backoff_base_s = backoff_base_s

@@ -40,7 +40,7 @@ from seckill.payments.provider import (
     RefundNotice,
     fail_body,
 )
-from seckill.payments.settlement import PROVIDER, Refunder, confirm
+from seckill.payments.settlement import PROVIDER, Books, Refunder, confirm
 from seckill.payments.wechatpay import out_refund_no_for
 from seckill.scripts import CONNECTION_ERRORS
 from seckill.stock import Payment
@@ -253,7 +253,7 @@ async def _refund(services: Services, notice: RefundNotice) -> None:
             mchid=notice.mchid,
         )
         return
-    refunder = Refunder(services.stock, ledger, provider, out_refund_no_for)
+    refunder = Refunder(Books(services.stock, ledger, provider, None), out_refund_no_for)
     if not await refunder.on_notice(notice):
         await ledger.suspicious(
             "unknown_refund",
