@@ -79,6 +79,7 @@ class Scripts:
     register: Script
     install_draw: Script
     queue_position: Script
+    holders_snapshot: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:

@@ -100,3 +100,20 @@ async def _eventually(attempt: object, tries: int = 50) -> bool:
         except redis.ConnectionError:
             await asyncio.sleep(0.2)
     pytest.fail("never succeeded")
+
+
+async def test_an_evicting_master_of_a_cluster_is_refused(redis_cluster: Cluster) -> None:
+    """Every master is asked: one left at allkeys-lru (not the first) refuses the cluster."""
+    from seckill import eviction
+
+    settings = settings_module.load(environ={"SECKILL_REDIS_URL": redis_cluster.url})
+    assert await eviction.policy_refusal(settings) is None
+    last = redis.Redis(host=HOST, port=redis_cluster.masters()[-1].port)
+    last.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        refusal = await eviction.policy_refusal(settings)
+    finally:
+        last.config_set("maxmemory-policy", "noeviction")
+        last.close()
+    assert refusal is not None
+    assert "'allkeys-lru' on " in refusal and str(redis_cluster.masters()[-1].port) in refusal
