@@ -113,7 +113,7 @@ def _blocking_pool(settings: RedisSettings) -> BlockingConnectionPool:
     return BlockingConnectionPool.from_url(settings.url, **_single_node_options(settings))
 
 
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """Connections to whichever node the sentinels name primary, waiting (bounded) for a free
     one as the single-node pool does (redis-py's own sentinel pool fails at its cap)."""
 
@@ -127,7 +127,7 @@ def _sentinel(settings: RedisSettings, target: Target) -> Redis:
     options = _single_node_options(settings)
     client: Redis = sentinel.master_for(
         target.name,
-        connection_pool_class=_BlockingSentinelPool,
+        connection_pool_class=BlockingSentinelPool,
         username=target.username,
         password=target.password,
         **options,

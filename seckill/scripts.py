@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
 
 from seckill import resources
-from seckill.connections import Client
+from seckill.connections import BlockingSentinelPool, Client
 from seckill.errors import RedisUnavailable
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ def _inline(path: Path) -> str:
 
 _Call = tuple[Script, Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
 
-_PLAIN_POOLS = (ConnectionPool, BlockingConnectionPool)
+# pools of connections to one node (a Sentinel's: to whichever node is primary now)
+_PLAIN_POOLS = (ConnectionPool, BlockingConnectionPool, BlockingSentinelPool)
 
 
 def pack_frame(script: Script, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
@@ -233,7 +234,7 @@ class Coalescer:
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         pool = self._client.connection_pool if isinstance(self._client, Redis) else None
         if pool is None or type(pool) not in _PLAIN_POOLS:
-            # a cluster or sentinel client routes and retries in its own pipeline
+            # a cluster client routes (per slot) and retries in its own pipeline
             pipe = self._client.pipeline(transaction=False)
             for script, keys, args, _ in batch:
                 # the command, not pipe.evalsha(): a cluster pipeline refuses the method by
