@@ -148,6 +148,11 @@ class Switches:
         )
         self._values[name] = value
         expires = reply[1].decode()
+        # known here at once, not only after the event comes back (a snapshot may come first)
+        if expires:
+            self._expiries[name] = int(expires)
+        else:
+            self._expiries.pop(name, None)
         return {
             "name": name,
             "value": value,
