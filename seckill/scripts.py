@@ -140,6 +140,12 @@ def pack_frame(script: Script, keys: Sequence[str], args: Sequence[Arg]) -> byte
         raise ValueError(f"{script.name}: {exc}") from None
 
 
+def _unavailable(cause: BaseException) -> RedisUnavailable:
+    error = RedisUnavailable()
+    error.__cause__ = cause
+    return error
+
+
 async def _exchange(connection: AbstractConnection, frames: bytes, count: int) -> list[Any]:
     """Write the frames, read ``count`` replies; an error reply is kept as its exception."""
     await connection.send_packed_command(frames, check_health=False)
@@ -214,9 +220,7 @@ class Coalescer:
         except CONNECTION_ERRORS as exc:
             for *_, future in batch:
                 if not future.done():
-                    error = RedisUnavailable()
-                    error.__cause__ = exc
-                    future.set_exception(error)
+                    future.set_exception(_unavailable(exc))
             return
         except BaseException as exc:
             for *_, future in batch:
@@ -226,7 +230,10 @@ class Coalescer:
         for (*_, future), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue
-            if isinstance(reply, Exception):
+            if isinstance(reply, CONNECTION_ERRORS):
+                # a cluster pipeline answers per command: the node of this one was away
+                future.set_exception(_unavailable(reply))
+            elif isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)

@@ -21,8 +21,6 @@ from seckill.web.app import create_app
 from seckill.web.state import SERVICES
 from tests.helpers import activity_body, admin_headers, loops_alive, user_headers
 
-pytestmark = pytest.mark.contract
-
 Client = TestClient[Any, Any]
 DATA_KEY = personal.new_key("t1")
 

@@ -23,8 +23,6 @@ from seckill.errors import Unauthorized
 from seckill.settings import Settings, SettingsError, redact
 from seckill.web.app import create_app
 
-pytestmark = pytest.mark.contract
-
 SECRET = "s" * 40
 
 

@@ -11,15 +11,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from seckill.settings import Settings
 from seckill.web.state import SERVICES
 from tests.helpers import activity_body, admin_headers, loops_alive, user_headers
-
-pytestmark = pytest.mark.contract
 
 Client = TestClient[Any, Any]
 

@@ -6,7 +6,6 @@ import asyncio
 import re
 from typing import Any
 
-import pytest
 from aiohttp.test_utils import TestClient
 
 from seckill.metrics import Metrics
@@ -15,8 +14,6 @@ from seckill.orders.writer import Writer, WriterConfig
 from seckill.settings import Settings
 from seckill.web.state import SERVICES
 from tests.helpers import activity_body, admin_headers, user_headers
-
-pytestmark = pytest.mark.contract
 
 Client = TestClient[Any, Any]
 

@@ -20,8 +20,6 @@ from seckill import settings as settings_module
 from seckill.auth import PaymentSignature, UserAuth
 from tests.helpers import activity_body
 
-pytestmark = pytest.mark.contract
-
 schema = schemathesis.openapi.from_path(str(resources.openapi_path()))
 schema.config.generation.update(
     modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=60

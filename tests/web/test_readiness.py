@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from aiohttp.test_utils import TestClient
 
 from seckill.web.state import SERVICES
-
-pytestmark = pytest.mark.contract
 
 Client = TestClient[Any, Any]
 

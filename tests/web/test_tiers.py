@@ -7,7 +7,6 @@ from typing import Any
 
 import jwt
 import msgpack
-import pytest
 import redis
 from aiohttp.test_utils import TestClient
 
@@ -15,8 +14,6 @@ from seckill import cli, keys
 from seckill.auth import PaymentSignature, UserAuth
 from seckill.settings import Settings
 from tests.helpers import activity_body, admin_headers, loops_alive, rfc3339
-
-pytestmark = pytest.mark.contract
 
 Client = TestClient[Any, Any]
 PRICE, MEMBER_PRICE = 1000, 700
