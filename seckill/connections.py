@@ -29,11 +29,6 @@ CLUSTER = "redis+cluster"
 SENTINEL = "redis+sentinel"
 SINGLE = frozenset({"redis", "rediss", "unix"})
 
-# A cluster failover takes about cluster-node-timeout plus an election: a command that met a
-# dead master retries a few times with growing pauses (the client refreshes its slot map
-# between tries) and then fails closed (503), rather than hold the request for the whole
-# failover.
-_CLUSTER_RETRY = Retry(ExponentialBackoff(cap=0.5, base=0.05), 3)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -144,7 +139,10 @@ def _cluster(settings: RedisSettings, target: Target) -> RedisCluster:
         max_connections=settings.max_connections,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.connect_timeout_s,
-        retry=_CLUSTER_RETRY,
+        # a failover takes about cluster-node-timeout plus an election: a command that met a
+        # dead master retries a few times with growing pauses (the client refreshes its slot
+        # map between tries), then fails closed (503) rather than hold the request throughout
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
     )
 
 
