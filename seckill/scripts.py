@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
 
 from seckill import resources
+from seckill.connections import BlockingSentinelPool, Client
 from seckill.errors import RedisUnavailable
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Script:
         source = _inline(path)
         return cls(path.stem, source, hashlib.sha1(source.encode()).hexdigest())
 
-    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+    async def __call__(self, client: Client, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """EVALSHA, loading the script on NOSCRIPT (e.g. after a Redis restart)."""
         try:
             try:
@@ -78,6 +79,7 @@ class Scripts:
     register: Script
     install_draw: Script
     queue_position: Script
+    holders_snapshot: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:
@@ -92,14 +94,14 @@ class Scripts:
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in self.__dataclass_fields__]
 
-    async def load(self, client: Redis) -> None:
+    async def load(self, client: Client) -> None:
         """SCRIPT LOAD every script (at start and after Redis lost its script cache)."""
         for script in self.all():
             sha = await client.script_load(script.source)
             if sha != script.sha:  # pragma: no cover - would mean a Redis bug
                 raise RuntimeError(f"Redis returned sha {sha} for {script.name}")
 
-    async def loaded(self, client: Redis) -> bool:
+    async def loaded(self, client: Client) -> bool:
         """True when Redis holds every script (readiness)."""
         flags = await client.script_exists(*(s.sha for s in self.all()))
         return all(flags)
@@ -123,7 +125,8 @@ def _inline(path: Path) -> str:
 
 _Call = tuple[Script, Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
 
-_PLAIN_POOLS = (ConnectionPool, BlockingConnectionPool)
+# pools of connections to one node (a Sentinel's: to whichever node is primary now)
+_PLAIN_POOLS = (ConnectionPool, BlockingConnectionPool, BlockingSentinelPool)
 
 
 def pack_frame(script: Script, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
@@ -135,6 +138,12 @@ def pack_frame(script: Script, keys: Sequence[str], args: Sequence[Arg]) -> byte
         return frame
     except TypeError as exc:
         raise ValueError(f"{script.name}: {exc}") from None
+
+
+def _unavailable(cause: BaseException) -> RedisUnavailable:
+    error = RedisUnavailable()
+    error.__cause__ = cause
+    return error
 
 
 async def _exchange(connection: AbstractConnection, frames: bytes, count: int) -> list[Any]:
@@ -158,7 +167,7 @@ class Coalescer:
     next loop iteration. At most ``in_flight`` pipelines (pooled connections) are used at once.
     """
 
-    def __init__(self, client: Redis, *, max_batch: int, in_flight: int) -> None:
+    def __init__(self, client: Client, *, max_batch: int, in_flight: int) -> None:
         self._client = client
         self._max_batch = max_batch
         self._in_flight = in_flight
@@ -211,9 +220,7 @@ class Coalescer:
         except CONNECTION_ERRORS as exc:
             for *_, future in batch:
                 if not future.done():
-                    error = RedisUnavailable()
-                    error.__cause__ = exc
-                    future.set_exception(error)
+                    future.set_exception(_unavailable(exc))
             return
         except BaseException as exc:
             for *_, future in batch:
@@ -223,18 +230,23 @@ class Coalescer:
         for (*_, future), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue
-            if isinstance(reply, Exception):
+            if isinstance(reply, CONNECTION_ERRORS):
+                # a cluster pipeline answers per command: the node of this one was away
+                future.set_exception(_unavailable(reply))
+            elif isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        pool = self._client.connection_pool
-        if type(pool) not in _PLAIN_POOLS:
-            # a cluster or sentinel client routes and retries in its own pipeline
+        pool = self._client.connection_pool if isinstance(self._client, Redis) else None
+        if pool is None or type(pool) not in _PLAIN_POOLS:
+            # a cluster client routes (per slot) and retries in its own pipeline
             pipe = self._client.pipeline(transaction=False)
             for script, keys, args, _ in batch:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                # the command, not pipe.evalsha(): a cluster pipeline refuses the method by
+                # name, yet routes the command by its first key like any other
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             return await pipe.execute(raise_on_error=False)
         # one Redis node: the frames packed by hiredis (C) and written on a pooled connection.
         # redis-py's pipeline packed each argument in Python, the largest single cost of the
