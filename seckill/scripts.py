@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
 
 from seckill import resources
-from seckill.errors import RedisUnavailable
+from seckill.errors import NotReplicated, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,9 @@ def _inline(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-_Call = tuple[Script, Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
+# which replies of a call must reach a replica before they are given (None: every reply)
+Durable = Callable[[Any], bool] | None
+_Call = tuple[Script, Sequence[str], Sequence[Arg], "asyncio.Future[Any]", Durable]
 
 _PLAIN_POOLS = (ConnectionPool, BlockingConnectionPool)
 
@@ -149,6 +151,11 @@ async def _exchange(connection: AbstractConnection, frames: bytes, count: int) -
     return replies
 
 
+def _replicas(reply: Any) -> int:
+    """WAIT's answer; an error reply (a replica itself cannot WAIT) counts as none."""
+    return reply if isinstance(reply, int) else 0
+
+
 class Coalescer:
     """Coalesces the script calls of concurrent requests into pipelined round trips.
 
@@ -156,22 +163,56 @@ class Coalescer:
     the client's per-call overhead. Calls made while a pipeline is in flight wait for the next
     one, so under load each round trip carries many calls; at low load a call goes out on the
     next loop iteration. At most ``in_flight`` pipelines (pooled connections) are used at once.
+
+    ``replica_wait_ms`` (durability = "replicated"): each pipeline ends with one
+    ``WAIT 1 <ms>`` on its own connection (WAIT counts the writes of the connection it is sent
+    on), so the cost is one replica acknowledgement per batch, not per order. When no replica
+    confirms in time, every durable reply of the batch becomes NotReplicated (503): the write
+    is on the primary only, and a retry replays it, itself in a WAITed batch.
     """
 
-    def __init__(self, client: Redis, *, max_batch: int, in_flight: int) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        max_batch: int,
+        in_flight: int,
+        replica_wait_ms: int | None = None,
+    ) -> None:
         self._client = client
         self._max_batch = max_batch
         self._in_flight = in_flight
+        self._wait_ms = replica_wait_ms
+        self._wait = (
+            hiredis.pack_command((b"WAIT", 1, replica_wait_ms))  # type: ignore[arg-type]
+            if replica_wait_ms is not None
+            else b""
+        )
         self._pending: list[_Call] = []
         self._senders = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def call(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
-        """Queue one EVALSHA; the future gets its reply or RedisUnavailable."""
+    @property
+    def replicated(self) -> bool:
+        """Whether replies wait for a replica (durability = "replicated")."""
+        return bool(self._wait)
+
+    def call(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        durable: Durable = None,
+    ) -> asyncio.Future[Any]:
+        """Queue one EVALSHA; the future gets its reply, RedisUnavailable, or NotReplicated.
+
+        ``durable`` tells the replies that must reach a replica before they are given (a
+        refusal wrote nothing and needs none); None: every reply.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((script, keys, args, future))
+        self._pending.append((script, keys, args, future, durable))
         if not self._scheduled:
             self._scheduled = True
             # next iteration: every request parsed from this batch of reads joins the pipeline
@@ -197,7 +238,7 @@ class Coalescer:
 
     async def _execute(self, batch: list[_Call]) -> None:
         try:
-            replies = await self._pipeline(batch)
+            replies, replicas = await self._pipeline(batch)
             missing = [
                 i for i, r in enumerate(replies) if isinstance(r, redis_errors.NoScriptError)
             ]
@@ -205,41 +246,49 @@ class Coalescer:
                 # NOSCRIPT means "not run": loading and resending those calls is safe
                 for script in {batch[i][0] for i in missing}:
                     await self._client.script_load(script.source)
-                retried = await self._pipeline([batch[i] for i in missing])
+                retried, again = await self._pipeline([batch[i] for i in missing])
+                replicas = min(replicas, again)
                 for i, reply in zip(missing, retried, strict=True):
                     replies[i] = reply
         except CONNECTION_ERRORS as exc:
-            for *_, future in batch:
+            for *_, future, _ in batch:
                 if not future.done():
                     error = RedisUnavailable()
                     error.__cause__ = exc
                     future.set_exception(error)
             return
         except BaseException as exc:
-            for *_, future in batch:
+            for *_, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             raise
-        for (*_, future), reply in zip(batch, replies, strict=True):
+        for (*_, future, durable), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue
             if isinstance(reply, Exception):
                 future.set_exception(reply)
+            elif replicas < 1 and (durable is None or durable(reply)):
+                future.set_exception(NotReplicated())
             else:
                 future.set_result(reply)
 
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+    async def _pipeline(self, batch: list[_Call]) -> tuple[list[Any], int]:
+        """The replies, and how many replicas confirmed them (1 when nothing waits)."""
         pool = self._client.connection_pool
         if type(pool) not in _PLAIN_POOLS:
             # a cluster or sentinel client routes and retries in its own pipeline
             pipe = self._client.pipeline(transaction=False)
-            for script, keys, args, _ in batch:
+            for script, keys, args, *_ in batch:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
-            return await pipe.execute(raise_on_error=False)
+            if self._wait:
+                pipe.execute_command("WAIT", 1, self._wait_ms)
+            answers: list[Any] = await pipe.execute(raise_on_error=False)
+            return (answers[:-1], _replicas(answers[-1])) if self._wait else (answers, 1)
         # one Redis node: the frames packed by hiredis (C) and written on a pooled connection.
         # redis-py's pipeline packed each argument in Python, the largest single cost of the
         # purchase path (~26 us of ~35 arguments per order, against ~3.5 us here).
-        frames = b"".join([pack_frame(script, keys, args) for script, keys, args, _ in batch])
+        frames = b"".join([pack_frame(script, keys, args) for script, keys, args, *_ in batch])
+        count = len(batch) + bool(self._wait)
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         answered = False
         try:
@@ -247,11 +296,13 @@ class Coalescer:
             # pooled connection is stale after a Redis restart); safe because every script is
             # idempotent under its key, as for redis-py's own pipeline
             replies: list[Any] = await connection.retry.call_with_retry(
-                lambda: _exchange(connection, frames, len(batch)),
+                lambda: _exchange(connection, frames + self._wait, count),
                 lambda _error: connection.disconnect(),
             )
             answered = True
-            return replies
+            if self._wait:
+                return replies[:-1], _replicas(replies[-1])
+            return replies, 1
         finally:
             if not answered:
                 # replies may still be on their way (cancelled mid-read): never reuse the socket

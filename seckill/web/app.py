@@ -61,6 +61,12 @@ def redis_client(settings: Settings) -> Redis:
     return Redis(connection_pool=pool)
 
 
+def replica_wait_ms(settings: Settings) -> int | None:
+    """How long each coalesced batch waits for a replica; None with durability "local"."""
+    redis = settings.redis
+    return redis.replica_wait_ms if redis.durability == "replicated" else None
+
+
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     try:
@@ -162,6 +168,7 @@ def create_app(settings: Settings) -> web.Application:
         client,
         max_batch=settings.redis.pipeline_max,
         in_flight=settings.redis.pipelines_in_flight,
+        replica_wait_ms=replica_wait_ms(settings),
     )
     catalog = Catalog(
         client,
