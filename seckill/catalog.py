@@ -18,10 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
-
 from seckill import keys
 from seckill.activities import Activity
+from seckill.connections import Client
 from seckill.errors import RedisUnavailable
 from seckill.events import Events, reraise_pending_cancel
 from seckill.orders.streams import backlog
@@ -66,7 +65,7 @@ class Entry:
 class Catalog:
     def __init__(
         self,
-        client: Redis,
+        client: Client,
         *,
         refresh_interval_s: float,
         negative_cache_s: float,

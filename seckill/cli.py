@@ -20,8 +20,7 @@ from seckill.embedded import EmbeddedRedis, EmbeddedRedisError
 from seckill.settings import Settings, SettingsError, redact
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
+    from seckill.connections import Client
     from seckill.orders.store import OrderStore
 
 log = logging.getLogger("seckill")
@@ -214,7 +213,7 @@ def _redis_settings(settings: Settings) -> Settings | None:
 def _on_redis(
     settings: Settings,
     activity_id: str | None,
-    command: Callable[[Redis], Coroutine[Any, Any, int]],
+    command: Callable[[Client], Coroutine[Any, Any, int]],
     unreachable: int = 1,
 ) -> int:
     """Run an ops command's coroutine on a Redis client (closed afterwards): exit 2 without a
@@ -248,7 +247,7 @@ def _on_redis(
 
 
 @contextlib.asynccontextmanager
-async def _connected(settings: Settings) -> AsyncIterator[tuple[Redis, OrderStore]]:
+async def _connected(settings: Settings) -> AsyncIterator[tuple[Client, OrderStore]]:
     """A Redis client and the order store for a command; both closed afterwards."""
     from seckill.orders.store import open_store
     from seckill.web.app import redis_client
@@ -299,7 +298,7 @@ def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
             if provider is not None:
                 await provider.aclose()
 
-    async def serve_orders(client: Redis, store: OrderStore, provider: Any) -> None:
+    async def serve_orders(client: Client, store: OrderStore, provider: Any) -> None:
         service = OrderService(settings, client, store, provider)
         if settings.writer.metrics_port:
             metrics = Metrics()
@@ -476,7 +475,7 @@ def cmd_deadletters(settings: Settings, args: argparse.Namespace) -> int:
     from seckill import keys
     from seckill.orders import deadletters
 
-    async def command(client: Redis) -> int:
+    async def command(client: Client) -> int:
         if args.action == "list":
             # JSON lines: one dead letter each (id, origin, reason, attempts, summary)
             cursor = "-"
@@ -510,7 +509,7 @@ def cmd_refunds(settings: Settings, args: argparse.Namespace) -> int:
     from seckill.payments.ledger import Ledger
     from seckill.scripts import Scripts
 
-    async def command(client: Redis) -> int:
+    async def command(client: Client) -> int:
         ledger = Ledger(client, Scripts.from_dir())
         if args.action == "list":
             activities = [args.activity_id]
@@ -549,7 +548,7 @@ def cmd_draw(settings: Settings, args: argparse.Namespace) -> int:
     from seckill import lottery
     from seckill.scripts import Scripts
 
-    async def command(client: Redis) -> int:
+    async def command(client: Client) -> int:
         drawer = lottery.Lottery(client, Scripts.from_dir())
         stored = await drawer.read(args.activity_id)
         if stored is None:

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from seckill import clock, keys
+from seckill.connections import Client
 from seckill.errors import InvalidRequest
 from seckill.events import Events, reraise_pending_cancel
 from seckill.scripts import CONNECTION_ERRORS, Scripts
@@ -75,7 +75,7 @@ def normalise_ip(remote: str | None) -> str:
 
 class DenyList:
     def __init__(
-        self, client: Redis, scripts: Scripts, hasher: Hasher, *, resync_interval_s: float = 0.5
+        self, client: Client, scripts: Scripts, hasher: Hasher, *, resync_interval_s: float = 0.5
     ) -> None:
         self._client = client
         self._scripts = scripts

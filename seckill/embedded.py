@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -82,11 +83,17 @@ class EmbeddedRedis:
         appendfsync: str = "everysec",
         port: int = 0,
         maxmemory: str = "1gb",
+        config_file: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.data_dir = data_dir
         self.appendfsync = appendfsync
         self.maxmemory = maxmemory
         self.port = port
+        # a config file Redis may rewrite (a Sentinel's) and options after ours (a cluster
+        # node's, a replica's): seckill.topology builds its nodes from these
+        self.config_file = config_file
+        self.extra_args = tuple(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -102,6 +109,7 @@ class EmbeddedRedis:
         self.port = self.port or free_port()
         command = [
             binary,
+            *([str(self.config_file.resolve())] if self.config_file is not None else []),
             "--bind",
             "127.0.0.1",
             "--port",
@@ -127,6 +135,7 @@ class EmbeddedRedis:
             self.maxmemory,
             "--maxmemory-policy",
             "noeviction",
+            *self.extra_args,
         ]
         self._process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
@@ -153,6 +162,17 @@ class EmbeddedRedis:
             client.close()
         log.info("embedded redis-server on port %d, data in %s", self.port, self.data_dir)
         return self.url
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no AOF flush (failover tests)."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (Redis flushes its AOF on the way out), then SIGKILL if it lingers."""

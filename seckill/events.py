@@ -12,9 +12,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from redis.asyncio import Redis
-
 from seckill import keys
+from seckill.connections import Client
 from seckill.scripts import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ def reraise_pending_cancel() -> None:
 
 
 class Events:
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Client) -> None:
         self._client = client
         self._handlers: dict[str, Handler] = {}
         self._resyncs: list[Resync] = []

@@ -26,9 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
 from seckill import keys
+from seckill.connections import Client
 from seckill.errors import RedisUnavailable
 from seckill.scripts import CONNECTION_ERRORS, Scripts
 
@@ -105,7 +104,7 @@ def problems(
 class Lottery:
     """Draws, reads and exports over Redis; knows nothing of HTTP."""
 
-    def __init__(self, client: Redis, scripts: Scripts) -> None:
+    def __init__(self, client: Client, scripts: Scripts) -> None:
         self._client = client
         self._scripts = scripts
         self._drawing: dict[str, asyncio.Task[str]] = {}

@@ -31,10 +31,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
-
 from seckill import keys, skus
 from seckill.activities import Activity
+from seckill.connections import Client
 from seckill.orders.record import OrderRecord
 from seckill.orders.store import OrderStore
 from seckill.orders.streams import GROUP
@@ -159,7 +158,7 @@ class Snapshot:
         )
 
 
-async def _snapshot(client: Redis, activity_id: str, deep_limit: int) -> Snapshot:
+async def _snapshot(client: Client, activity_id: str, deep_limit: int) -> Snapshot:
     raw = await _scripts().report_snapshot(
         client,
         keys.report_keys(activity_id),
@@ -170,14 +169,14 @@ async def _snapshot(client: Redis, activity_id: str, deep_limit: int) -> Snapsho
     return snap
 
 
-async def _positions(client: Redis, activity_id: str) -> tuple[str, str]:
+async def _positions(client: Client, activity_id: str) -> tuple[str, str]:
     raw = await _scripts().report_snapshot(
         client, keys.report_keys(activity_id), [GROUP, PENDING_CAP, TAIL_CAP, "positions", 0]
     )
     return _text(raw[0]), _text(raw[1])
 
 
-async def _alive(client: Redis) -> tuple[bool, bool]:
+async def _alive(client: Client) -> tuple[bool, bool]:
     pipe = client.pipeline(transaction=False)
     pipe.exists(keys.heartbeat("writer"))
     pipe.exists(keys.heartbeat("sweeper"))
@@ -197,7 +196,7 @@ class StoreReading:
     rows: dict[str, OrderRecord] | None  # every stored order (None: per-order checks skipped)
 
 
-async def _same_ms_undelivered(client: Redis, activity_id: str, snap: Snapshot) -> set[str]:
+async def _same_ms_undelivered(client: Client, activity_id: str, snap: Snapshot) -> set[str]:
     """Order ids of entries created in the last delivered entry's millisecond but not delivered.
 
     Creation time and entry id share Redis's clock, so "created after the last delivered
@@ -243,7 +242,7 @@ async def _read_store(
 
 
 async def build(
-    client: Redis, store: OrderStore, activity_id: str, *, deep_limit: int = DEEP_LIMIT
+    client: Client, store: OrderStore, activity_id: str, *, deep_limit: int = DEEP_LIMIT
 ) -> dict[str, Any] | None:
     """The contract's report plus ``problems`` (what is wrong, in words); None if unknown.
 
@@ -286,7 +285,7 @@ async def build(
     return body
 
 
-async def _refunds(client: Redis, activity_id: str) -> dict[str, int] | None:
+async def _refunds(client: Client, activity_id: str) -> dict[str, int] | None:
     """Refunds of refund_required payments by state, and the money they carry (few: late
     payments); None while the activity has none. Money still owed (pending, processing,
     attention) is owed, not inconsistent."""

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from seckill import clock, keys
+from seckill.connections import Client
 from seckill.denylist import KINDS, DenyList, normalise_ip
 from seckill.events import reraise_pending_cancel
 from seckill.rulefile import RuleFile
@@ -270,7 +270,7 @@ class HitLog:
     as dropped, while the counts stay exact.
     """
 
-    def __init__(self, client: Redis, interval_s: float = 0.25) -> None:
+    def __init__(self, client: Client, interval_s: float = 0.25) -> None:
         self._client = client
         self._interval_s = interval_s
         self.counts: dict[tuple[str, str], int] = {}

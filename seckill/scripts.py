@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
 
 from seckill import resources
+from seckill.connections import Client
 from seckill.errors import NotReplicated, RedisUnavailable
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Script:
         source = _inline(path)
         return cls(path.stem, source, hashlib.sha1(source.encode()).hexdigest())
 
-    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+    async def __call__(self, client: Client, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """EVALSHA, loading the script on NOSCRIPT (e.g. after a Redis restart)."""
         try:
             try:
@@ -92,14 +93,14 @@ class Scripts:
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in self.__dataclass_fields__]
 
-    async def load(self, client: Redis) -> None:
+    async def load(self, client: Client) -> None:
         """SCRIPT LOAD every script (at start and after Redis lost its script cache)."""
         for script in self.all():
             sha = await client.script_load(script.source)
             if sha != script.sha:  # pragma: no cover - would mean a Redis bug
                 raise RuntimeError(f"Redis returned sha {sha} for {script.name}")
 
-    async def loaded(self, client: Redis) -> bool:
+    async def loaded(self, client: Client) -> bool:
         """True when Redis holds every script (readiness)."""
         flags = await client.script_exists(*(s.sha for s in self.all()))
         return all(flags)
@@ -173,7 +174,7 @@ class Coalescer:
 
     def __init__(
         self,
-        client: Redis,
+        client: Client,
         *,
         max_batch: int,
         in_flight: int,
@@ -182,7 +183,7 @@ class Coalescer:
         self._client = client
         self._max_batch = max_batch
         self._in_flight = in_flight
-        self._wait_ms = replica_wait_ms
+        self._wait_ms = replica_wait_ms or 0
         self._wait = (
             hiredis.pack_command((b"WAIT", 1, replica_wait_ms))  # type: ignore[arg-type]
             if replica_wait_ms is not None
@@ -274,12 +275,14 @@ class Coalescer:
 
     async def _pipeline(self, batch: list[_Call]) -> tuple[list[Any], int]:
         """The replies, and how many replicas confirmed them (1 when nothing waits)."""
-        pool = self._client.connection_pool
-        if type(pool) not in _PLAIN_POOLS:
+        pool = self._client.connection_pool if isinstance(self._client, Redis) else None
+        if pool is None or type(pool) not in _PLAIN_POOLS:
             # a cluster or sentinel client routes and retries in its own pipeline
             pipe = self._client.pipeline(transaction=False)
             for script, keys, args, *_ in batch:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                # the command, not pipe.evalsha(): a cluster pipeline refuses the method by
+                # name, yet routes the command by its first key like any other
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             if self._wait:
                 pipe.execute_command("WAIT", 1, self._wait_ms)
             answers: list[Any] = await pipe.execute(raise_on_error=False)

@@ -270,12 +270,7 @@ def _check(settings: Settings) -> None:
     need(0 <= s.server.ops_port <= 65535, "server.ops_port", "must be 0..65535")
     need(bool(s.server.ops_host), "server.ops_host", "must not be empty")
     if s.redis.url:
-        parsed = urlparse(s.redis.url)
-        need(
-            parsed.scheme in {"redis", "rediss", "unix"} and bool(parsed.hostname or parsed.path),
-            "redis.url",
-            f"expected redis://host:port/db, got {redact(s.redis.url)!r}",
-        )
+        need(*_redis_url_problem(s.redis.url))
     need(1 <= s.redis.max_connections <= 10_000, "redis.max_connections", "must be 1..10000")
     need(s.redis.socket_timeout_s > 0, "redis.socket_timeout_s", "must be > 0")
     need(s.redis.connect_timeout_s > 0, "redis.connect_timeout_s", "must be > 0")
@@ -396,6 +391,24 @@ def _check(settings: Settings) -> None:
 
     data_problem = settings_problem(s.data.keys, s.data.cipher, s.data.hash_key)
     need(data_problem is None, *(data_problem or ("data.keys", "")))
+
+
+def _redis_url_problem(url: str) -> tuple[bool, str, str]:
+    """need()'s arguments for the Redis URL: one node, a Cluster or a Sentinel primary."""
+    from seckill.connections import parse
+
+    try:
+        target = parse(url)
+    except ValueError as exc:
+        return False, "redis.url", f"{exc}; got {redact(url)!r}"
+    if target is None:
+        parsed = urlparse(url)
+        return (
+            bool(parsed.hostname or parsed.path),
+            "redis.url",
+            f"expected redis://host:port/db, got {redact(url)!r}",
+        )
+    return True, "redis.url", ""
 
 
 def _risk_key_ok(text: str) -> bool:

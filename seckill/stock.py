@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from seckill import keys, lottery
 from seckill.activities import Activity
+from seckill.connections import Client
 from seckill.errors import Conflict, Overloaded, RedisUnavailable
 from seckill.orders.record import OrderRecord
 from seckill.scripts import CONNECTION_ERRORS, Coalescer, Scripts
@@ -176,7 +176,7 @@ class Stock:
     """The purchase path's view of Redis."""
 
     def __init__(
-        self, client: Redis, scripts: Scripts, coalescer: Coalescer, idempotency_ttl_s: int
+        self, client: Client, scripts: Scripts, coalescer: Coalescer, idempotency_ttl_s: int
     ) -> None:
         self._client = client
         self._scripts = scripts

@@ -16,9 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
 from seckill import clock, keys
+from seckill.connections import Client
 from seckill.errors import InvalidRequest
 from seckill.events import Events, reraise_pending_cancel
 from seckill.scripts import CONNECTION_ERRORS, Scripts
@@ -85,7 +84,7 @@ def validate(name: str, value: Any) -> Any:
 
 
 class Switches:
-    def __init__(self, client: Redis, scripts: Scripts, *, resync_interval_s: float = 0.5):
+    def __init__(self, client: Client, scripts: Scripts, *, resync_interval_s: float = 0.5):
         self._client = client
         self._scripts = scripts
         self._resync_interval_s = resync_interval_s

@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
 from seckill import keys
+from seckill.connections import Client
 from seckill.scripts import Scripts
 from seckill.stock import risk_hits
 
@@ -49,7 +48,7 @@ class Standing:
 class Turns:
     """Registration and queue reads of fair sales; knows nothing of HTTP."""
 
-    def __init__(self, client: Redis, scripts: Scripts) -> None:
+    def __init__(self, client: Client, scripts: Scripts) -> None:
         self._client = client
         self._scripts = scripts
 

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from seckill import settings as settings_module
 from seckill.embedded import EmbeddedRedis
 from seckill.settings import Settings
+from seckill.topology import Cluster, Sentinels
 from seckill.web.app import create_app
 
 
@@ -23,6 +24,22 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A Redis Cluster of our own (3 masters, 1 replica each) for the whole run."""
+    with Cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        cluster.start()
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentinels]:
+    """A Sentinel-managed primary of our own (1 replica, 3 sentinels) for the whole run."""
+    with Sentinels(tmp_path_factory.mktemp("sentinel")) as sentinels:
+        sentinels.start()
+        yield sentinels
 
 
 @pytest.fixture

@@ -12,9 +12,8 @@ import secrets
 import socket
 from typing import Any
 
-from redis.asyncio import Redis
-
 from seckill import keys
+from seckill.connections import Client
 from seckill.orders.deadletters import scripts
 from seckill.orders.entries import Entry, text
 from seckill.orders.streams import GROUP
@@ -64,7 +63,7 @@ class ConsumerSlot:
     may both take the dead one's name: they then share it, which costs only idempotent rewrites.
     """
 
-    def __init__(self, client: Redis, name: str | None = None) -> None:
+    def __init__(self, client: Client, name: str | None = None) -> None:
         self.client = client
         self.fixed = name is not None
         self.host = socket.gethostname() or "writer"
@@ -130,7 +129,7 @@ def _entries(stream: str, messages: Any) -> list[Entry]:
 
 
 async def own_pending(
-    client: Redis, stream: str, consumer: str, min_idle_ms: int, count: int, after: str = "-"
+    client: Client, stream: str, consumer: str, min_idle_ms: int, count: int, after: str = "-"
 ) -> list[Entry]:
     """Up to ``count`` of our own pending entries idle for ``min_idle_ms`` (XCLAIM resets idle).
 
@@ -154,7 +153,7 @@ async def own_pending(
 
 
 async def take_over(
-    client: Redis, stream: str, consumer: str, claim_idle_ms: int, count: int, cursor: str
+    client: Client, stream: str, consumer: str, claim_idle_ms: int, count: int, cursor: str
 ) -> tuple[list[Entry], str]:
     """One XAUTOCLAIM page of entries other writers left pending: (entries, next cursor)."""
     reply: Any = await client.xautoclaim(
@@ -163,7 +162,7 @@ async def take_over(
     return _entries(stream, reply[1]), text(reply[0])
 
 
-async def forget_gone(client: Redis, stream: str, consumer: str, claim_idle_ms: int) -> int:
+async def forget_gone(client: Client, stream: str, consumer: str, claim_idle_ms: int) -> int:
     """XGROUP DELCONSUMER every other consumer that holds nothing and idles past claim_idle_ms.
 
     Only once its entries were taken over (it holds none), and checked in the same atomic step

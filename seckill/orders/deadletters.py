@@ -12,9 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
 from seckill import keys, resources
+from seckill.connections import Client
 from seckill.orders.entries import PoisonEntry, activity_of, decode, text
 from seckill.orders.record import OrderRecord
 from seckill.orders.store import PaymentEvent, RefundEvent, Transition
@@ -56,7 +55,9 @@ def scripts() -> DeadLetterScripts:
     return _scripts
 
 
-async def move(client: Redis, stream: str, entry_id: str, reason: str, attempts: int) -> str | None:
+async def move(
+    client: Client, stream: str, entry_id: str, reason: str, attempts: int
+) -> str | None:
     """Dead-letter one pending entry atomically; its dead letter id, or None if not pending."""
     dead = keys.dead_letters(activity_of(stream))
     reply: Any = await scripts().dead_letter(
@@ -67,7 +68,7 @@ async def move(client: Redis, stream: str, entry_id: str, reason: str, attempts:
     return text(reply[1])
 
 
-async def count(client: Redis, activity_id: str) -> int:
+async def count(client: Client, activity_id: str) -> int:
     """How many dead letters the activity holds (XLEN: O(1))."""
     return int(await client.xlen(keys.dead_letters(activity_id)))
 
@@ -118,13 +119,13 @@ def describe(dead_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
     }
 
 
-async def page(client: Redis, activity_id: str, limit: int = 100) -> list[dict[str, Any]]:
+async def page(client: Client, activity_id: str, limit: int = 100) -> list[dict[str, Any]]:
     """The oldest ``limit`` dead letters of the activity, described."""
     entries: Any = await client.xrange(keys.dead_letters(activity_id), count=limit)
     return [describe(text(dead_id), dict(fields)) for dead_id, fields in entries]
 
 
-async def replay(client: Redis, activity_id: str, batch: int = 100) -> tuple[int, list[str]]:
+async def replay(client: Client, activity_id: str, batch: int = 100) -> tuple[int, list[str]]:
     """Move every dead letter back to its origin stream: (replayed, ids left with why)."""
     dead = keys.dead_letters(activity_id)
     allowed = {keys.stream(activity_id), keys.changes(activity_id)}

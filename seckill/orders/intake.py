@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio import Redis
-
 from seckill import keys
+from seckill.connections import Client
 from seckill.orders.entries import Entry, is_orders, text
 from seckill.orders.streams import GROUP, ensure_group
 
@@ -26,7 +25,7 @@ CHANGES_SHARE = 0.25
 class Intake:
     """The streams this writer reads, and its fair reading of them."""
 
-    def __init__(self, client: Redis, batch_size: int, block_ms: int) -> None:
+    def __init__(self, client: Client, batch_size: int, block_ms: int) -> None:
         self.client = client
         self.batch_size = batch_size
         self.block_ms = block_ms

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from seckill import keys
+from seckill.connections import Client
 from seckill.errors import RedisUnavailable
 from seckill.orders.store import OrderStore, StoreUnavailable
 from seckill.scripts import CONNECTION_ERRORS, Scripts
@@ -42,7 +42,7 @@ class RetirerStats:
 class Retirer:
     def __init__(
         self,
-        client: Redis,
+        client: Client,
         store: OrderStore,
         scripts: Scripts | None = None,
         *,
@@ -64,7 +64,7 @@ class Retirer:
         self.stats = RetirerStats()
 
     @classmethod
-    def from_settings(cls, settings: Settings, client: Redis, store: OrderStore) -> Retirer:
+    def from_settings(cls, settings: Settings, client: Client, store: OrderStore) -> Retirer:
         """A Retirer configured by the ``[retirer]`` section."""
         r = settings.retirer
         return cls(

@@ -6,8 +6,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from redis.asyncio import Redis
-
+from seckill.connections import Client
 from seckill.orders.retirement import Retirer
 from seckill.orders.store import OrderStore
 from seckill.orders.supervisor import Supervisor
@@ -35,7 +34,7 @@ class OrderService:
     def __init__(
         self,
         settings: Settings,
-        client: Redis,
+        client: Client,
         store: OrderStore,
         provider: WechatPay | None = None,
     ) -> None:
@@ -87,7 +86,7 @@ class OrderService:
     def _payments(
         self,
         settings: Settings,
-        client: Redis,
+        client: Client,
         scripts: Scripts,
         stock: Stock,
         store: OrderStore,

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+
+from seckill.connections import Client
 
 GROUP = "writers"
 
@@ -42,7 +43,7 @@ def _key(entry_id: str) -> tuple[int, int]:
     return (int(ms), int(seq or 0))
 
 
-async def ensure_group(client: Redis, stream: str) -> None:
+async def ensure_group(client: Client, stream: str) -> None:
     """Create the writers' group reading from the stream's very beginning (idempotent)."""
     try:
         await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -51,7 +52,7 @@ async def ensure_group(client: Redis, stream: str) -> None:
             raise
 
 
-async def _group(client: Redis, stream: str) -> dict[str, Any] | None:
+async def _group(client: Client, stream: str) -> dict[str, Any] | None:
     try:
         groups = await client.xinfo_groups(stream)
     except redis_errors.ResponseError as exc:
@@ -65,7 +66,7 @@ async def _group(client: Redis, stream: str) -> dict[str, Any] | None:
 
 
 async def undelivered(
-    client: Redis, stream: str, group: dict[str, Any], bound: int = COUNT_BOUND
+    client: Client, stream: str, group: dict[str, Any], bound: int = COUNT_BOUND
 ) -> tuple[int, bool]:
     """Entries after the group's last delivery, in O(1) or O(bound): (count, at_least)."""
     lag = group.get("lag")
@@ -84,7 +85,7 @@ async def undelivered(
     return len(following), len(following) >= bound
 
 
-async def backlog(client: Redis, stream: str) -> Backlog:
+async def backlog(client: Client, stream: str) -> Backlog:
     """Pending + undelivered entries of the stream for the writers' group, in O(1)."""
     group = await _group(client, stream)
     if group is None:
@@ -94,7 +95,7 @@ async def backlog(client: Redis, stream: str) -> Backlog:
     return Backlog(int(group["pending"]), count, at_least)
 
 
-async def oldest_waiting_ms(client: Redis, stream: str) -> int | None:
+async def oldest_waiting_ms(client: Client, stream: str) -> int | None:
     """Epoch ms of the oldest entry not yet acknowledged (pending or undelivered), or None."""
     group = await _group(client, stream)
     if group is None:
@@ -109,7 +110,7 @@ async def oldest_waiting_ms(client: Redis, stream: str) -> int | None:
     return _key(_id(following[0][0]))[0] if following else None
 
 
-async def trim_persisted(client: Redis, stream: str) -> int:
+async def trim_persisted(client: Client, stream: str) -> int:
     """Drop entries below every one the writers have not acknowledged (never by length).
 
     Everything acknowledged was committed to the store first, so the entries strictly below the

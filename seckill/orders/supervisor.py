@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from seckill import keys
+from seckill.connections import Client
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Supervisor:
         self,
         name: str,
         loop: Loop,
-        client: Redis,
+        client: Client,
         *,
         heartbeat_interval_s: float = 1.0,
         heartbeat_ttl_s: float = 5.0,
@@ -126,6 +126,6 @@ class Supervisor:
                 await self._client.delete(name)
 
 
-async def alive(client: Redis, name: str) -> bool:
+async def alive(client: Client, name: str) -> bool:
     """Whether some process's ``name`` loop has beaten within its TTL."""
     return bool(await client.exists(keys.heartbeat(name)))

@@ -30,9 +30,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from seckill.breakers import AsyncBreaker, BreakerOpen
+from seckill.connections import Client
 from seckill.errors import RedisUnavailable
 from seckill.orders import claims, deadletters
 from seckill.orders.entries import (
@@ -108,7 +108,7 @@ def _fault_kind(exc: BaseException) -> str:
 class Writer:
     def __init__(
         self,
-        client: Redis,
+        client: Client,
         store: OrderStore,
         config: WriterConfig | None = None,
         consumer: str | None = None,

@@ -19,9 +19,8 @@ import json
 import time
 from typing import Any
 
-from redis.asyncio import Redis
-
 from seckill import keys
+from seckill.connections import Client
 from seckill.errors import RedisUnavailable
 from seckill.scripts import CONNECTION_ERRORS, Scripts
 
@@ -180,7 +179,7 @@ def _text(value: Any) -> str:
 class Ledger:
     """Prepays, refunds and suspicious notices in Redis; Redis faults become RedisUnavailable."""
 
-    def __init__(self, client: Redis, scripts: Scripts) -> None:
+    def __init__(self, client: Client, scripts: Scripts) -> None:
         self._client = client
         self._scripts = scripts
 

@@ -12,15 +12,12 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
-from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from seckill import resources
+from seckill import connections, resources
 from seckill.auth import AdminAuth, PaymentSignature, UserAuth
 from seckill.breakers import STATES, AsyncBreaker
 from seckill.catalog import Catalog
+from seckill.connections import Client
 from seckill.denylist import DenyList
 from seckill.errors import RedisUnavailable
 from seckill.events import Events
@@ -44,21 +41,9 @@ from seckill.web.state import SERVICES, Services
 log = logging.getLogger(__name__)
 
 
-def redis_client(settings: Settings) -> Redis:
-    """A client whose pool is sized on purpose and waits (bounded) instead of failing."""
-    pool = BlockingConnectionPool.from_url(
-        settings.redis.url,
-        max_connections=settings.redis.max_connections,
-        timeout=settings.redis.socket_timeout_s,
-        socket_timeout=settings.redis.socket_timeout_s,
-        socket_connect_timeout=settings.redis.connect_timeout_s,
-        # one immediate reconnect on a connection error: after a Redis restart every pooled
-        # connection is stale. Safe because every script is idempotent under its key (a
-        # lost reply becomes a replay). Timeouts are not retried: latency stays bounded.
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[redis_errors.ConnectionError],
-    )
-    return Redis(connection_pool=pool)
+def redis_client(settings: Settings) -> Client:
+    """The client for settings.redis.url (one node, a Cluster or a Sentinel primary)."""
+    return connections.connect(settings.redis)
 
 
 def replica_wait_ms(settings: Settings) -> int | None:
@@ -75,8 +60,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         # not fatal: /readyz says 503 and scripts load on first NOSCRIPT once Redis is back
         log.warning("Redis unreachable at start; the gateway answers 503 until it is back")
     yield
-    await services.redis.aclose()
-    await services.redis.connection_pool.disconnect()
+    await connections.close(services.redis)
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

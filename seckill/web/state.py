@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
-from redis.asyncio import Redis
 
 from seckill.auth import AdminAuth, PaymentSignature, UserAuth
 from seckill.breakers import AsyncBreaker
 from seckill.catalog import Catalog
+from seckill.connections import Client
 from seckill.events import Events
 from seckill.limits import Rules
 from seckill.lottery import Lottery
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 @dataclass(slots=True)
 class Services:
     settings: Settings
-    redis: Redis
+    redis: Client
     scripts: Scripts
     stock: Stock
     catalog: Catalog

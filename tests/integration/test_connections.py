@@ -1,0 +1,102 @@
+"""The client built from SECKILL_REDIS_URL works on a Cluster and on a Sentinel primary."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import redis
+
+from seckill import connections
+from seckill import settings as settings_module
+from seckill.scripts import Coalescer, Script
+from seckill.settings import RedisSettings
+from seckill.topology import HOST, Cluster, Sentinels
+
+
+def _redis_settings(url: str, max_connections: int = 16) -> RedisSettings:
+    return settings_module.load(
+        environ={
+            "SECKILL_REDIS_URL": url,
+            "SECKILL_REDIS_MAX_CONNECTIONS": str(max_connections),
+            "SECKILL_REDIS_PIPELINES_IN_FLIGHT": "1",
+            "SECKILL_REDIS_SOCKET_TIMEOUT_S": "5",
+        }
+    ).redis
+
+
+def _keys_on_every_master(cluster: Cluster) -> list[str]:
+    """One key per master (each under its own hash tag)."""
+    found: dict[int, str] = {}
+    for index in range(1000):
+        key = f"{{conn{index}}}:n"
+        found.setdefault(cluster.node_for_key(key).port, key)
+        if len(found) == len(cluster.masters()):
+            return list(found.values())
+    raise AssertionError("no key found for some master")
+
+
+async def test_coalesced_scripts_run_on_every_master_after_their_cache_is_lost(
+    redis_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The coalescer's cluster path routes each EVALSHA to its slot's master, and a master
+    that lost its script cache (NOSCRIPT) gets the script loaded and the call re-sent."""
+    source = tmp_path / "incr.lua"
+    source.write_text("return redis.call('INCRBY', KEYS[1], ARGV[1])\n")
+    script = Script.from_file(source)
+    keys = _keys_on_every_master(redis_cluster)
+    client = connections.connect(_redis_settings(redis_cluster.url))
+    assert connections.is_cluster(client)
+    coalescer = Coalescer(client, max_batch=64, in_flight=1)
+    try:
+        for master in redis_cluster.masters():
+            redis.Redis(host=HOST, port=master.port).script_flush()
+        first = await asyncio.gather(*(coalescer.call(script, [k], [2]) for k in keys))
+        again = await asyncio.gather(*(coalescer.call(script, [k], [3]) for k in keys))
+        assert first == [2] * len(keys)
+        assert again == [5] * len(keys)
+        for key in keys:
+            owner = redis.Redis(host=HOST, port=redis_cluster.node_for_key(key).port)
+            assert owner.get(key) == b"5"
+    finally:
+        await coalescer.close()
+        await connections.close(client)
+
+
+async def test_the_sentinel_client_waits_for_a_connection_and_follows_a_failover(
+    redis_sentinels: Sentinels,
+) -> None:
+    """At its cap the pool waits for a free connection (as on one node) rather than failing;
+    after the primary dies the same client writes to the promoted replica."""
+    client = connections.connect(_redis_settings(redis_sentinels.url, max_connections=1))
+    try:
+        # two blocking reads on one connection: the second waits for the first to end
+        assert await asyncio.gather(
+            client.blpop(["conn:none"], timeout=0.2), client.blpop(["conn:none"], timeout=0.2)
+        ) == [None, None]
+        await client.set("conn:before", "1")
+        await client.wait(1, 5000)
+        primary = redis_sentinels.master()
+        redis_sentinels.kill(primary)
+        promoted = redis_sentinels.wait_failover(primary)
+        assert await _eventually(lambda: client.set("conn:after", "2"))
+        assert await client.get("conn:before") == b"1"
+        direct = redis.Redis(host=HOST, port=promoted.port)
+        assert direct.get("conn:after") == b"2"
+        direct.close()
+        redis_sentinels.restart(primary)
+        await asyncio.to_thread(redis_sentinels.wait_ok)
+    finally:
+        await connections.close(client)
+
+
+async def _eventually(attempt: object, tries: int = 50) -> bool:
+    """The first success of ``attempt()`` within ``tries`` (connection errors retried)."""
+    assert callable(attempt)
+    for _ in range(tries):
+        try:
+            return bool(await attempt())
+        except redis.ConnectionError:
+            await asyncio.sleep(0.2)
+    pytest.fail("never succeeded")

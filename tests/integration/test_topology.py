@@ -1,0 +1,52 @@
+"""The local topologies tests and benchmarks run on: up, a node killed, failed over, back."""
+
+from __future__ import annotations
+
+import redis
+from redis.cluster import RedisCluster
+
+from seckill.topology import HOST, PRIMARY_NAME, Cluster, Sentinels
+
+
+def test_cluster_spreads_slots_and_fails_over(redis_cluster: Cluster) -> None:
+    """Three masters serve the slots; killing the one holding a key promotes its replica,
+    which still has the key; the killed node comes back (as a replica) and the cluster is ok."""
+    assert redis_cluster.url.startswith("redis+cluster://")
+    assert len(redis_cluster.masters()) == 3
+    client = RedisCluster(host=HOST, port=redis_cluster.nodes[0].port)
+    try:
+        client.set("{topology}key", "kept")
+        client.wait(1, 5000)  # the replica has it before the master dies
+        owner = redis_cluster.node_for_key("{topology}key")
+        redis_cluster.kill(owner)
+        promoted = redis_cluster.wait_failover(owner)
+        assert promoted is not owner
+        assert promoted is redis_cluster.node_for_key("{topology}key")
+        redis_cluster.restart(owner)
+        redis_cluster.wait_ok()
+        assert owner not in redis_cluster.masters()
+        assert len(redis_cluster.masters()) == 3
+        direct = redis.Redis(host=HOST, port=promoted.port)
+        assert direct.get("{topology}key") == b"kept"
+        direct.close()
+    finally:
+        client.close()
+
+
+def test_sentinels_promote_the_replica(redis_sentinels: Sentinels) -> None:
+    """Killing the primary: the sentinels name the replica, which holds the primary's data."""
+    assert redis_sentinels.url.endswith(f"/{PRIMARY_NAME}")
+    primary = redis_sentinels.master()
+    direct = redis.Redis(host=HOST, port=primary.port)
+    direct.set("topology", "kept")
+    direct.wait(1, 5000)
+    direct.close()
+    redis_sentinels.kill(primary)
+    promoted = redis_sentinels.wait_failover(primary)
+    assert promoted is not primary
+    redis_sentinels.restart(primary)
+    redis_sentinels.wait_ok()
+    assert redis_sentinels.master() is promoted
+    direct = redis.Redis(host=HOST, port=promoted.port)
+    assert direct.get("topology") == b"kept"
+    direct.close()
