@@ -205,7 +205,12 @@ def create_app(settings: Settings) -> web.Application:
     )
     events = Events(client)
     catalog.listen(events)
-    switches = Switches(client, scripts, resync_interval_s=settings.purchase.refresh_interval_s)
+    switches = Switches(
+        client,
+        scripts,
+        resync_interval_s=settings.purchase.refresh_interval_s,
+        coalescer=coalescer,
+    )
     switches.listen(events)
     redis_breaker = AsyncBreaker(
         "redis",

@@ -184,6 +184,10 @@ async def test_without_any_replica_purchases_answer_503_and_readyz_says_why(
     body = activity_body(stock=5)
     created = await gateway.post("/admin/v1/activities", json=body, headers=admin_headers(settings))
     assert created.status == 503, "creating an activity waits for a replica too"
+    flag = await gateway.put(
+        "/admin/v1/flags/reviews.enabled", json={"value": False}, headers=admin_headers(settings)
+    )
+    assert flag.status == 503, "so does a flag change"
     # the activity as a "local" gateway would have created it: only the purchase can refuse
     client = Redis.from_url(primary.url)
     local = Stock(client, Scripts.from_dir(), Coalescer(client, max_batch=8, in_flight=1), 90_000)
