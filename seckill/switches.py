@@ -100,6 +100,7 @@ class Switches:
         self._resync_interval_s = resync_interval_s
         self._values: dict[str, Any] = {}
         self._expiries: dict[str, int] = {}
+        self._changes = 0  # flag changes made by this process, to tell a stale reading
         self._closed = False
 
     # -- the request path: local reads only ------------------------------------------------
@@ -157,8 +158,13 @@ class Switches:
             reply = await self._coalescer.call(self._scripts.set_flag, flag_keys, args)
         else:
             reply = await self._scripts.set_flag(self._client, flag_keys, args)
-        self._values[name] = value
         expires = reply[1].decode()
+        self._values[name] = value
+        if expires:
+            self._expiries[name] = int(expires)
+        else:
+            self._expiries.pop(name, None)
+        self._changes += 1
         return {
             "name": name,
             "value": value,
@@ -168,10 +174,15 @@ class Switches:
 
     async def load(self) -> None:
         """Re-read every flag from Redis."""
+        changes = self._changes
         pipe = self._client.pipeline(transaction=False)
         pipe.hgetall(FLAGS)
         pipe.hgetall(FLAG_META)
         raw_values, raw_meta = await pipe.execute()
+        if changes != self._changes:
+            # this process changed a flag meanwhile: the reading may predate it (it went out on
+            # another connection), and the next resync reads both
+            return
         self._values = {k.decode(): json.loads(v) for k, v in raw_values.items()}
         expiries = {}
         for name, meta in raw_meta.items():
