@@ -19,9 +19,10 @@ from redis.asyncio import Redis
 
 from seckill import keys
 from seckill.embedded import EmbeddedRedis, free_port
+from seckill.errors import NotReplicated
 from seckill.scripts import Coalescer, Scripts
 from seckill.settings import Settings
-from seckill.stock import Stock
+from seckill.stock import Outcome, Stock
 from seckill.web.app import create_app
 from tests.helpers import activity_body, admin_headers, user_headers
 from tests.orders.test_writer import _activity as _local_activity
@@ -53,10 +54,21 @@ class Replica:
         )
         _wait(lambda: self.info().get("master_link_status") == "up", "the replica to sync")
 
+    def pause(self) -> None:
+        """SIGSTOP: connected as far as the primary knows, yet acknowledging nothing (a replica
+        lagging behind)."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """kill -9: the primary sees the link drop at once."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # a stopped process dies of SIGKILL all the same
             process.send_signal(signal.SIGKILL)
             process.wait()
 
@@ -104,9 +116,16 @@ def replica(primary: EmbeddedRedis, tmp_path: Path) -> Iterator[Replica]:
     server.kill()
 
 
+def _replicated(settings: Settings, primary: EmbeddedRedis) -> Settings:
+    """durability "replicated" with a WAIT long enough for a busy test machine's replica."""
+    return settings.replace(
+        "redis", url=primary.url, durability="replicated", replica_wait_ms=2000, socket_timeout_s=5
+    )
+
+
 @pytest.fixture
 async def gateway(settings: Settings, primary: EmbeddedRedis) -> AsyncIterator[Client]:
-    settings = settings.replace("redis", url=primary.url, durability="replicated")
+    settings = _replicated(settings, primary)
     async with TestClient(TestServer(create_app(settings))) as client:
         yield client
 
@@ -199,3 +218,40 @@ async def test_without_any_replica_purchases_answer_503_and_readyz_says_why(
     ready = await gateway.get("/readyz")
     assert ready.status == 503
     assert "durability = replicated" in (await ready.json())["error"]["message"]
+
+
+async def test_a_replay_on_another_connection_waits_for_the_replica_too(
+    replica: Replica, primary: EmbeddedRedis
+) -> None:
+    """Invariant: a replayed 202 names an order a replica holds, even when the retry goes out
+    on a connection that never wrote it: two clients of their own, with no background loop
+    writing on their connections. (On Redis 7.0 a script call makes its WAIT cover the primary's
+    offset at the call, writes or not, as observed; this test says so if a version does not.)"""
+    first, other = Redis.from_url(primary.url), Redis.from_url(primary.url)
+    scripts = Scripts.from_dir()
+    buy, retry = (
+        Stock(c, scripts, Coalescer(c, max_batch=8, in_flight=1, replica_wait_ms=2000), 90_000)
+        for c in (first, other)
+    )
+    try:
+        await _local_activity(buy, "lag", 10)
+        # the other client's connection last wrote this order: acknowledged by the replica
+        assert (await retry.reserve("lag", "warm", "k", 1)).outcome is Outcome.OK
+        replica.pause()
+        try:
+            with pytest.raises(NotReplicated):
+                await buy.reserve("lag", "lagged", "k", 1)
+            with pytest.raises(NotReplicated):
+                # WAIT counts from this connection's last write (the warm order, which the
+                # replica acknowledged): it must still not answer for an order written since
+                await retry.reserve("lag", "lagged", "k", 1)
+        finally:
+            replica.resume()
+        again = await retry.reserve("lag", "lagged", "k", 1)
+        assert again.outcome is Outcome.REPLAY
+        copy = replica.client()
+        assert copy.hexists(keys.orders("lag"), again.order_id)
+        copy.close()
+    finally:
+        await first.aclose()
+        await other.aclose()

@@ -137,7 +137,10 @@ async def test_a_primary_killed_mid_burst_loses_no_202_when_replicated(
 ) -> None:
     """Invariant: no oversell through a failover; with "replicated" every 202 is in Redis and
     in the store afterwards (the report consistent); with "local" the loss is measured."""
-    settings = settings.replace("redis", url=topology.url, durability=durability).replace(
+    # a WAIT long enough for a busy test machine's replica
+    settings = settings.replace(
+        "redis", url=topology.url, durability=durability, replica_wait_ms=2000, socket_timeout_s=5
+    ).replace(
         # a failover outlasting a few bounded retries opens the breaker; it closes again soon
         "protection",
         redis_reset_timeout_s=0.5,
