@@ -119,6 +119,16 @@ class RedisUnavailable(Overloaded):
     default_message = "stock service unavailable, retry later"
 
 
+class NotReplicated(Overloaded):
+    """durability = "replicated" and no replica confirmed the write in time.
+
+    Redis answered, so the breaker does not count it (not a RedisUnavailable): the write is on
+    the primary, and a retry with the same key replays it once a replica has it too.
+    """
+
+    default_message = "not yet replicated, retry with the same Idempotency-Key"
+
+
 class RequestTimeout(SeckillError):
     """The body did not arrive within [server] body_timeout_s (the connection is closed)."""
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hiredis
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 
 from seckill import resources
-from seckill.connections import BlockingSentinelPool, Client
-from seckill.errors import RedisUnavailable
+from seckill.connections import Client
+from seckill.errors import NotReplicated, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,21 @@ def _inline(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-_Call = tuple[Script, Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
+# which replies of a call must reach a replica before they are given (None: every reply)
+Durable = Callable[[Any], bool] | None
+_Call = tuple[Script, Sequence[str], Sequence[Arg], "asyncio.Future[Any]", Durable]
 
-# pools of connections to one node (a Sentinel's: to whichever node is primary now)
-_PLAIN_POOLS = (ConnectionPool, BlockingConnectionPool, BlockingSentinelPool)
+# A failover under way: the call was not run where it was sent; ask the slot map again.
+_MOVING = (
+    redis_errors.AskError,  # MOVED too
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+    redis_errors.ReadOnlyError,
+)
+# Rounds of a cluster batch (the first send included) before its calls answer 503: about
+# 0.1 + 0.2 + 0.4 + 0.5 s of pauses, enough for a failover's last steps once the replica is
+# promoted, short of holding a buyer for the whole node timeout. The breaker covers longer.
+FAILOVER_ATTEMPTS = 5
 
 
 def pack_frame(script: Script, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
@@ -158,6 +169,11 @@ async def _exchange(connection: AbstractConnection, frames: bytes, count: int) -
     return replies
 
 
+def _replicas(reply: Any) -> int:
+    """WAIT's answer; an error reply (a replica itself cannot WAIT) counts as none."""
+    return reply if isinstance(reply, int) else 0
+
+
 class Coalescer:
     """Coalesces the script calls of concurrent requests into pipelined round trips.
 
@@ -165,22 +181,56 @@ class Coalescer:
     the client's per-call overhead. Calls made while a pipeline is in flight wait for the next
     one, so under load each round trip carries many calls; at low load a call goes out on the
     next loop iteration. At most ``in_flight`` pipelines (pooled connections) are used at once.
+
+    ``replica_wait_ms`` (durability = "replicated"): each pipeline ends with one
+    ``WAIT 1 <ms>`` on its own connection (WAIT counts the writes of the connection it is sent
+    on), so the cost is one replica acknowledgement per batch, not per order. When no replica
+    confirms in time, every durable reply of the batch becomes NotReplicated (503): the write
+    is on the primary only, and a retry replays it, itself in a WAITed batch.
     """
 
-    def __init__(self, client: Client, *, max_batch: int, in_flight: int) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        max_batch: int,
+        in_flight: int,
+        replica_wait_ms: int | None = None,
+    ) -> None:
         self._client = client
         self._max_batch = max_batch
         self._in_flight = in_flight
+        self._wait_ms = replica_wait_ms or 0
+        self._wait = (
+            hiredis.pack_command((b"WAIT", 1, replica_wait_ms))  # type: ignore[arg-type]
+            if replica_wait_ms is not None
+            else b""
+        )
         self._pending: list[_Call] = []
         self._senders = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def call(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
-        """Queue one EVALSHA; the future gets its reply or RedisUnavailable."""
+    @property
+    def replicated(self) -> bool:
+        """Whether replies wait for a replica (durability = "replicated")."""
+        return bool(self._wait)
+
+    def call(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        durable: Durable = None,
+    ) -> asyncio.Future[Any]:
+        """Queue one EVALSHA; the future gets its reply, RedisUnavailable, or NotReplicated.
+
+        ``durable`` tells the replies that must reach a replica before they are given (a
+        refusal wrote nothing and needs none); None: every reply.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((script, keys, args, future))
+        self._pending.append((script, keys, args, future, durable))
         if not self._scheduled:
             self._scheduled = True
             # next iteration: every request parsed from this batch of reads joins the pipeline
@@ -206,28 +256,29 @@ class Coalescer:
 
     async def _execute(self, batch: list[_Call]) -> None:
         try:
-            replies = await self._pipeline(batch)
+            replies, replicas = await self._pipeline(batch)
             missing = [
                 i for i, r in enumerate(replies) if isinstance(r, redis_errors.NoScriptError)
             ]
             if missing:
-                # NOSCRIPT means "not run": loading and resending those calls is safe
+                # NOSCRIPT means "not run" (a restarted node, a promoted replica): loading and
+                # resending those calls is safe
                 for script in {batch[i][0] for i in missing}:
                     await self._client.script_load(script.source)
-                retried = await self._pipeline([batch[i] for i in missing])
-                for i, reply in zip(missing, retried, strict=True):
-                    replies[i] = reply
+                retried, again = await self._pipeline([batch[i] for i in missing])
+                for n, i in enumerate(missing):
+                    replies[i], replicas[i] = retried[n], again[n]
         except CONNECTION_ERRORS as exc:
-            for *_, future in batch:
+            for *_, future, _ in batch:
                 if not future.done():
                     future.set_exception(_unavailable(exc))
             return
         except BaseException as exc:
-            for *_, future in batch:
+            for *_, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             raise
-        for (*_, future), reply in zip(batch, replies, strict=True):
+        for (*_, future, durable), reply, confirmed in zip(batch, replies, replicas, strict=True):
             if future.done():
                 continue
             if isinstance(reply, CONNECTION_ERRORS):
@@ -235,31 +286,29 @@ class Coalescer:
                 future.set_exception(_unavailable(reply))
             elif isinstance(reply, Exception):
                 future.set_exception(reply)
+            elif confirmed < 1 and (durable is None or durable(reply)):
+                future.set_exception(NotReplicated())
             else:
                 future.set_result(reply)
 
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        pool = self._client.connection_pool if isinstance(self._client, Redis) else None
-        if pool is None or type(pool) not in _PLAIN_POOLS:
-            # a cluster client routes (per slot) and retries in its own pipeline
-            pipe = self._client.pipeline(transaction=False)
-            for script, keys, args, _ in batch:
-                # the command, not pipe.evalsha(): a cluster pipeline refuses the method by
-                # name, yet routes the command by its first key like any other
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            return await pipe.execute(raise_on_error=False)
-        # one Redis node: the frames packed by hiredis (C) and written on a pooled connection.
-        # redis-py's pipeline packed each argument in Python, the largest single cost of the
-        # purchase path (~26 us of ~35 arguments per order, against ~3.5 us here).
-        frames = b"".join([pack_frame(script, keys, args) for script, keys, args, _ in batch])
+    async def _pipeline(self, batch: list[_Call]) -> tuple[list[Any], list[int]]:
+        """Each call's reply, and how many replicas confirmed it (1 when nothing waits)."""
+        if isinstance(self._client, RedisCluster):
+            return await self._cluster_pipeline(self._client, batch)
+        # one Redis node, or the primary a Sentinel names: the frames packed by hiredis (C) and
+        # written on a pooled connection. redis-py's pipeline packed each argument in Python,
+        # the largest single cost of the purchase path (~26 us of ~35 arguments per order,
+        # against ~3.5 us here).
+        pool = self._client.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         answered = False
         try:
             # the client's retry policy (one immediate reconnect on a connection error: every
-            # pooled connection is stale after a Redis restart); safe because every script is
-            # idempotent under its key, as for redis-py's own pipeline
-            replies: list[Any] = await connection.retry.call_with_retry(
-                lambda: _exchange(connection, frames, len(batch)),
+            # pooled connection is stale after a Redis restart; a Sentinel-managed connection
+            # turns READONLY from a demoted primary into one, and reconnects to the primary
+            # the Sentinels name now); safe because every script is idempotent under its key
+            replies: tuple[list[Any], list[int]] = await connection.retry.call_with_retry(
+                lambda: self._exchange(connection, batch),
                 lambda _error: connection.disconnect(),
             )
             answered = True
@@ -269,6 +318,87 @@ class Coalescer:
                 # replies may still be on their way (cancelled mid-read): never reuse the socket
                 await connection.disconnect(nowait=True)
             await pool.release(connection)
+
+    async def _exchange(
+        self, connection: AbstractConnection, batch: list[_Call]
+    ) -> tuple[list[Any], list[int]]:
+        """One round trip: the batch's frames (then WAIT), each call's reply and replicas."""
+        frames = b"".join([pack_frame(script, keys, args) for script, keys, args, *_ in batch])
+        replies = await _exchange(connection, frames + self._wait, len(batch) + bool(self._wait))
+        if not self._wait:
+            return replies, [1] * len(batch)
+        return replies[:-1], [_replicas(replies[-1])] * len(batch)
+
+    async def _cluster_pipeline(
+        self, cluster: RedisCluster, batch: list[_Call]
+    ) -> tuple[list[Any], list[int]]:
+        """One round trip per master, in parallel: the calls grouped by the node that owns
+        their slot (the client's slot map), each group ending with its own WAIT.
+
+        Calls answered MOVED/ASK/TRYAGAIN/CLUSTERDOWN/READONLY, or lost with their node's
+        connection (a failover under way), are sent again after the slot map is refreshed, at
+        most FAILOVER_ATTEMPTS times with a growing pause; then they fail closed (503). Safe:
+        every script is idempotent under its key, and a redirected call was not run.
+        """
+        replies: list[Any] = [None] * len(batch)
+        replicas = [1] * len(batch)
+        todo = list(range(len(batch)))
+        for attempt in range(FAILOVER_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(min(0.05 * 2**attempt, 0.5))
+                await cluster.nodes_manager.initialize()
+            await cluster.initialize()  # the slot map, read once (a no-op after the first)
+            groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+            for i in todo:
+                keys = batch[i][1]
+                node = (
+                    cluster.nodes_manager.get_node_from_slot(cluster.keyslot(keys[0]))
+                    if keys
+                    else cluster.get_random_primary_node()  # a script of no key runs anywhere
+                )
+                groups.setdefault(node.name, (node, []))[1].append(i)
+            results = await asyncio.gather(
+                *(
+                    self._node_exchange(node, [batch[i] for i in calls])
+                    for node, calls in groups.values()
+                ),
+                return_exceptions=True,
+            )
+            todo = []
+            for (_, calls), result in zip(groups.values(), results, strict=True):
+                if isinstance(result, CONNECTION_ERRORS):
+                    todo += calls
+                    for i in calls:
+                        replies[i] = _unavailable(result)
+                    continue
+                if isinstance(result, BaseException):
+                    raise result
+                for i, reply, confirmed in zip(calls, *result, strict=True):
+                    replies[i], replicas[i] = reply, confirmed
+                    if isinstance(reply, _MOVING):
+                        todo.append(i)
+            if not todo:
+                break
+        for i in todo:
+            if not isinstance(replies[i], RedisUnavailable):
+                replies[i] = _unavailable(replies[i])
+        return replies, replicas
+
+    async def _node_exchange(
+        self, node: ClusterNode, batch: list[_Call]
+    ) -> tuple[list[Any], list[int]]:
+        """One round trip on a connection of the cluster node's own pool."""
+        connection = node.acquire_connection()
+        answered = False
+        try:
+            await node.disconnect_if_needed(connection)
+            replies = await self._exchange(connection, batch)
+            answered = True
+            return replies
+        finally:
+            if not answered:
+                await connection.disconnect(nowait=True)
+            node.release(connection)
 
     async def close(self) -> None:
         """Wait for the pipelines in flight."""

@@ -60,6 +60,8 @@ class RedisSettings:
     pipelines_in_flight: int
     appendfsync: str
     maxmemory: str
+    durability: str
+    replica_wait_ms: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -282,6 +284,16 @@ def _check(settings: Settings) -> None:
         s.redis.appendfsync in {"always", "everysec", "no"},
         "redis.appendfsync",
         f"expected always, everysec or no, got {s.redis.appendfsync!r}",
+    )
+    need(
+        s.redis.durability in {"local", "replicated"},
+        "redis.durability",
+        f"expected local or replicated, got {s.redis.durability!r}",
+    )
+    need(
+        1 <= s.redis.replica_wait_ms <= s.redis.socket_timeout_s * 1000,
+        "redis.replica_wait_ms",
+        "must be 1..redis.socket_timeout_s in ms (a WAIT must end before the call times out)",
     )
     if s.database.url:
         scheme = urlparse(s.database.url).scheme

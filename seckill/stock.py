@@ -49,6 +49,13 @@ class Outcome(enum.Enum):
 _OUTCOMES = {o.value.encode(): o for o in Outcome}
 
 
+def _holds_an_order(reply: Any) -> bool:
+    """A reply that answers 202 (a new order, or a replay of one): with durability
+    "replicated" it is given only once a replica holds the order. A refusal wrote nothing a
+    buyer was promised (a token bucket or a risk counter lost in a failover is harmless)."""
+    return bool(reply[0] in (b"ok", b"replay"))
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Per-user and per-IP token buckets of one activity (rate 0: no such limit)."""
@@ -228,7 +235,9 @@ class Stock:
                 args += [""] * (_RISK_ARGV - 1 - len(args))  # ARGV[14..21] at their defaults
                 args += risk[1]
             with _refused_when_full():
-                reply = await self._coalescer.call(self._scripts.reserve_stock, script_keys, args)
+                reply = await self._coalescer.call(
+                    self._scripts.reserve_stock, script_keys, args, _holds_an_order
+                )
             hits: tuple[tuple[str, str], ...] = ()
             if isinstance(reply[-1], list) and reply[-1][:1] == [b"risk"]:
                 hits = risk_hits(reply[-1])
@@ -274,8 +283,9 @@ class Stock:
         if activity_id is None:
             return Release.NOT_FOUND
         with _refused_when_full():
-            reply = await self._scripts.release_stock(
-                self._client,
+            # coalesced: with durability "replicated" the answer waits for a replica too
+            reply = await self._coalescer.call(
+                self._scripts.release_stock,
                 keys.release_keys(activity_id),
                 [order_id, cause, owner, "settled" if settled else ""],
             )
@@ -356,7 +366,7 @@ class Stock:
             paid_at_ms or "",
         ]
         script_keys = keys.payment_keys(activity_id, event_id, provider)
-        reply = await self._scripts.confirm_payment(self._client, script_keys, args)
+        reply = await self._coalescer.call(self._scripts.confirm_payment, script_keys, args)
         outcome = _PAYMENTS[reply[0]]
         if outcome is Payment.GONE:
             record = await retired(order_id) if retired is not None else None
@@ -364,7 +374,7 @@ class Stock:
                 outcome = Payment.NOT_FOUND
             else:
                 args[7:9] = [record.quantity, record.price_cents]
-                reply = await self._scripts.confirm_payment(self._client, script_keys, args)
+                reply = await self._coalescer.call(self._scripts.confirm_payment, script_keys, args)
                 outcome = _PAYMENTS[reply[0]]
         if outcome in (Payment.NOT_FOUND, Payment.AMOUNT_MISMATCH, Payment.GONE):
             # nothing was stored for the event: a corrected callback may use its id
@@ -419,8 +429,8 @@ class Stock:
         """
         seed = lottery.new_seed() if activity.lottery else ""
         args = activity.script_args(seed, lottery.commitment(seed) if seed else "")
-        reply = await self._scripts.create_activity(
-            self._client, keys.activity_keys(activity.id), args
+        reply = await self._coalescer.call(
+            self._scripts.create_activity, keys.activity_keys(activity.id), args
         )
         if reply[0] == b"conflict":
             raise Conflict(reply[1].decode())

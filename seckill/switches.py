@@ -20,7 +20,7 @@ from seckill import clock, keys
 from seckill.connections import Client
 from seckill.errors import InvalidRequest
 from seckill.events import Events, reraise_pending_cancel
-from seckill.scripts import CONNECTION_ERRORS, Scripts
+from seckill.scripts import CONNECTION_ERRORS, Arg, Coalescer, Scripts
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,23 @@ def validate(name: str, value: Any) -> Any:
 
 
 class Switches:
-    def __init__(self, client: Client, scripts: Scripts, *, resync_interval_s: float = 0.5):
+    def __init__(
+        self,
+        client: Client,
+        scripts: Scripts,
+        *,
+        resync_interval_s: float = 0.5,
+        coalescer: Coalescer | None = None,
+    ):
         self._client = client
         self._scripts = scripts
+        # the gateway's: an admin's change then waits for a replica as a purchase does
+        # (durability = "replicated"); the CLI runs the script directly
+        self._coalescer = coalescer
         self._resync_interval_s = resync_interval_s
         self._values: dict[str, Any] = {}
         self._expiries: dict[str, int] = {}
+        self._changes = 0  # flag changes made by this process, to tell a stale reading
         self._closed = False
 
     # -- the request path: local reads only ------------------------------------------------
@@ -133,26 +144,27 @@ class Switches:
             raise InvalidRequest("ttl_s must be an integer of seconds in 1..2592000")
         flag = describe(name)
         assert flag is not None
-        reply = await self._scripts.set_flag(
-            self._client,
-            [FLAGS, FLAG_META, FLAG_AUDIT],
-            [
-                name,
-                json.dumps(value),
-                "" if ttl_s is None else ttl_s,
-                who,
-                json.dumps(flag.default),
-                keys.EVENTS_CHANNEL,
-                "set",
-            ],
-        )
-        self._values[name] = value
+        flag_keys = [FLAGS, FLAG_META, FLAG_AUDIT]
+        args: list[Arg] = [
+            name,
+            json.dumps(value),
+            "" if ttl_s is None else ttl_s,
+            who,
+            json.dumps(flag.default),
+            keys.EVENTS_CHANNEL,
+            "set",
+        ]
+        if self._coalescer is not None:
+            reply = await self._coalescer.call(self._scripts.set_flag, flag_keys, args)
+        else:
+            reply = await self._scripts.set_flag(self._client, flag_keys, args)
         expires = reply[1].decode()
-        # known here at once, not only after the event comes back (a snapshot may come first)
+        self._values[name] = value
         if expires:
             self._expiries[name] = int(expires)
         else:
             self._expiries.pop(name, None)
+        self._changes += 1
         return {
             "name": name,
             "value": value,
@@ -162,10 +174,15 @@ class Switches:
 
     async def load(self) -> None:
         """Re-read every flag from Redis."""
+        changes = self._changes
         pipe = self._client.pipeline(transaction=False)
         pipe.hgetall(FLAGS)
         pipe.hgetall(FLAG_META)
         raw_values, raw_meta = await pipe.execute()
+        if changes != self._changes:
+            # this process changed a flag meanwhile: the reading may predate it (it went out on
+            # another connection), and the next resync reads both
+            return
         self._values = {k.decode(): json.loads(v) for k, v in raw_values.items()}
         expiries = {}
         for name, meta in raw_meta.items():

@@ -46,6 +46,12 @@ def redis_client(settings: Settings) -> Client:
     return connections.connect(settings.redis)
 
 
+def replica_wait_ms(settings: Settings) -> int | None:
+    """How long each coalesced batch waits for a replica; None with durability "local"."""
+    redis = settings.redis
+    return redis.replica_wait_ms if redis.durability == "replicated" else None
+
+
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     try:
@@ -146,6 +152,7 @@ def create_app(settings: Settings) -> web.Application:
         client,
         max_batch=settings.redis.pipeline_max,
         in_flight=settings.redis.pipelines_in_flight,
+        replica_wait_ms=replica_wait_ms(settings),
     )
     catalog = Catalog(
         client,
@@ -199,7 +206,12 @@ def create_app(settings: Settings) -> web.Application:
     )
     events = Events(client)
     catalog.listen(events)
-    switches = Switches(client, scripts, resync_interval_s=settings.purchase.refresh_interval_s)
+    switches = Switches(
+        client,
+        scripts,
+        resync_interval_s=settings.purchase.refresh_interval_s,
+        coalescer=coalescer,
+    )
     switches.listen(events)
     redis_breaker = AsyncBreaker(
         "redis",

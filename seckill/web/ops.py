@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -28,38 +29,52 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def ready(services: Services) -> bool:
-    """Redis answers and holds every script; one probe at a time, a "ready" kept a second.
+async def ready(services: Services) -> str | None:
+    """None when Redis answers and holds every script (and, with durability "replicated",
+    has a replica), else why not; one probe at a time, a "ready" kept a second.
 
     A "not ready" is not kept: the next caller probes again (still one probe at a time), so
     readiness comes back the moment Redis does.
     """
     probe = services.ready_probe
     stale = time.monotonic() - services.ready_checked_at >= _READY_CACHE_S
-    if probe is None or (probe.done() and (stale or not probe.result())):
+    if probe is None or (probe.done() and (stale or probe.result() is not None)):
         probe = services.ready_probe = asyncio.ensure_future(_probe(services))
     # shielded: a caller that goes away does not cancel the probe the others wait on
     return await asyncio.shield(probe)
 
 
-async def _probe(services: Services) -> bool:
+async def _probe(services: Services) -> str | None:
+    answer: str | None = None
     try:
         await services.redis.ping()
         if not await services.scripts.loaded(services.redis):
             await services.scripts.load(services.redis)
-        answer = True
+        if services.settings.redis.durability == "replicated":
+            answer = await _replica_missing(services)
     except CONNECTION_ERRORS:
-        answer = False
+        answer = "Redis is unreachable"
     services.ready_checked_at = time.monotonic()
     return answer
+
+
+async def _replica_missing(services: Services) -> str | None:
+    """Why purchases cannot be confirmed by a replica now, or None (INFO replication)."""
+    info: Any = await services.redis.info("replication")
+    if info.get("role") != "master":
+        return "Redis is a replica (durability = replicated needs the primary)"
+    if int(info.get("connected_slaves", 0)) < 1:
+        return "no replica connected: durability = replicated answers purchases 503"
+    return None
 
 
 @probes.get("/readyz", name="readyz")
 async def readyz(request: web.Request) -> web.Response:
     """Ready: Redis answers and holds every script (checked at most once a second)."""
     services = request.app[SERVICES]
-    if not await ready(services):
-        return error_response(503, "overloaded", "not ready: Redis is unreachable")
+    why = await ready(services)
+    if why is not None:
+        return error_response(503, "overloaded", f"not ready: {why}")
     down = sorted(
         name for name, up in (services.loops() if services.loops else {}).items() if not up
     )

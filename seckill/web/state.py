@@ -66,7 +66,7 @@ class Services:
     # requests waiting for the rest of their body (not in flight; the drain waits for them)
     receiving: int = 0
     # /readyz's Redis probe (one at a time) and when it finished: its answer serves a second
-    ready_probe: asyncio.Future[bool] | None = None
+    ready_probe: asyncio.Future[str | None] | None = None  # None: ready, else why not
     ready_checked_at: float = -1e9
     # seals and opens addresses on orders; None: no data key (orders with an address refused)
     personal: Sealer | None = None
