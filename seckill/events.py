@@ -78,9 +78,9 @@ class Events:
                         handler = self._handlers.get(kind)
                         if handler is not None:
                             handler(subject)
-            except CONNECTION_ERRORS:
+            except CONNECTION_ERRORS as exc:
                 reraise_pending_cancel()
-                log.warning("event subscription lost; resubscribing")
+                log.warning("event subscription lost (%s); resubscribing", exc)
                 turn += 1
                 await asyncio.sleep(0.5)
             finally:

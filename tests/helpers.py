@@ -58,6 +58,13 @@ def loops_alive(sync_redis: Any) -> None:
         sync_redis.set(keys.heartbeat(loop), "test", ex=300)
 
 
+def masters(sync_redis: redis.Redis | redis.RedisCluster) -> list[redis.Redis]:
+    """A client per master: the one Redis, or each master of a cluster (CONFIG, SLOWLOG)."""
+    if isinstance(sync_redis, redis.RedisCluster):
+        return [sync_redis.get_redis_connection(n) for n in sync_redis.get_primaries()]
+    return [sync_redis]
+
+
 @contextlib.contextmanager
 def redis_commands(sync_redis: redis.Redis | redis.RedisCluster) -> Iterator[list[list[bytes]]]:
     """Every command Redis ran inside the block (the slow log at a 0 us threshold), whoever
@@ -65,11 +72,7 @@ def redis_commands(sync_redis: redis.Redis | redis.RedisCluster) -> Iterator[lis
     own keys, never on counts of the whole server (background loops of any process share this
     Redis)."""
     seen: list[list[bytes]] = []
-    nodes = (
-        [sync_redis.get_redis_connection(n) for n in sync_redis.get_primaries()]
-        if isinstance(sync_redis, redis.RedisCluster)
-        else [sync_redis]
-    )
+    nodes = masters(sync_redis)
     old = [node.config_get("slowlog-*") for node in nodes]
     for node in nodes:
         node.config_set("slowlog-max-len", 1_000_000)

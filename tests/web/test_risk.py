@@ -20,7 +20,7 @@ from seckill import connections, keys, personal, resources, risk
 from seckill.settings import Settings
 from seckill.web.app import create_app
 from seckill.web.state import SERVICES
-from tests.helpers import activity_body, admin_headers, user_headers
+from tests.helpers import activity_body, admin_headers, masters, user_headers
 
 pytestmark = pytest.mark.contract
 
@@ -589,12 +589,15 @@ async def test_a_full_redis_still_replays_with_velocity_on(
     activity_id = await new_activity(gw, risk_settings)
     status, first = await buy(gw, risk_settings, activity_id, "a", key="k")
     assert status == 202
-    previous = sync_redis.config_get("maxmemory")["maxmemory"]
-    sync_redis.config_set("maxmemory", 1)
+    nodes = masters(sync_redis)
+    previous = [node.config_get("maxmemory")["maxmemory"] for node in nodes]
+    for node in nodes:
+        node.config_set("maxmemory", 1)
     try:
         status, body = await buy(gw, risk_settings, activity_id, "b", key="k")
         assert status == 503 and body["error"]["code"] == "overloaded"
         status, replay = await buy(gw, risk_settings, activity_id, "a", key="k")
         assert status == 202 and replay["order_id"] == first["order_id"]
     finally:
-        sync_redis.config_set("maxmemory", previous)
+        for node, value in zip(nodes, previous, strict=True):
+            node.config_set("maxmemory", value)
