@@ -24,7 +24,7 @@ from seckill.connections import Client
 from seckill.errors import RedisUnavailable
 from seckill.events import Events, reraise_pending_cancel
 from seckill.orders.streams import backlog
-from seckill.scripts import CONNECTION_ERRORS
+from seckill.scripts import CONNECTION_ERRORS, Scripts
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,14 @@ class Catalog:
     def __init__(
         self,
         client: Client,
+        scripts: Scripts,
         *,
         refresh_interval_s: float,
         negative_cache_s: float,
         backlog_ceiling: int = 0,
     ):
         self._client = client
+        self._scripts = scripts
         self._backlog_ceiling = backlog_ceiling
         self._refresh_interval_s = refresh_interval_s
         self._negative_cache_s = negative_cache_s
@@ -157,16 +159,13 @@ class Catalog:
         return entry
 
     async def _snapshot_holders(self, activity_id: str, entry: Entry) -> None:
-        # one MULTI so the holders and the count they belong to are read at the same instant
-        pipe = self._client.pipeline(transaction=True)
-        pipe.get(keys.stock(activity_id))
-        pipe.hget(keys.counters(activity_id), "orders_created")
-        pipe.hkeys(keys.holders(activity_id))
-        pipe.hgetall(keys.sku_stock(activity_id))
-        stock, created, holders, skus = await pipe.execute()
-        entry.stock_left = int(stock or 0)
-        entry.sku_left = {k.decode(): int(v) for k, v in skus.items()}
-        entry.orders_created = int(created or 0)
+        # one script so the holders and the count they belong to are read at the same instant
+        stock, created, holders, skus = await self._scripts.holders_snapshot(
+            self._client, keys.holders_snapshot_keys(activity_id), []
+        )
+        entry.stock_left = int(stock)
+        entry.sku_left = {skus[i].decode(): int(skus[i + 1]) for i in range(0, len(skus), 2)}
+        entry.orders_created = int(created)
         entry.holders = frozenset(h.decode() for h in holders)
         entry.holders_version = entry.orders_created
 

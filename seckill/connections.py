@@ -29,11 +29,6 @@ CLUSTER = "redis+cluster"
 SENTINEL = "redis+sentinel"
 SINGLE = frozenset({"redis", "rediss", "unix"})
 
-# A cluster failover takes about cluster-node-timeout plus an election: a command that met a
-# dead master retries a few times with growing pauses (the client refreshes its slot map
-# between tries) and then fails closed (503), rather than hold the request for the whole
-# failover.
-_CLUSTER_RETRY = Retry(ExponentialBackoff(cap=0.5, base=0.05), 3)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -113,7 +108,7 @@ def _blocking_pool(settings: RedisSettings) -> BlockingConnectionPool:
     return BlockingConnectionPool.from_url(settings.url, **_single_node_options(settings))
 
 
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """Connections to whichever node the sentinels name primary, waiting (bounded) for a free
     one as the single-node pool does (redis-py's own sentinel pool fails at its cap)."""
 
@@ -127,7 +122,7 @@ def _sentinel(settings: RedisSettings, target: Target) -> Redis:
     options = _single_node_options(settings)
     client: Redis = sentinel.master_for(
         target.name,
-        connection_pool_class=_BlockingSentinelPool,
+        connection_pool_class=BlockingSentinelPool,
         username=target.username,
         password=target.password,
         **options,
@@ -144,7 +139,10 @@ def _cluster(settings: RedisSettings, target: Target) -> RedisCluster:
         max_connections=settings.max_connections,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.connect_timeout_s,
-        retry=_CLUSTER_RETRY,
+        # a failover takes about cluster-node-timeout plus an election: a command that met a
+        # dead master retries a few times with growing pauses (the client refreshes its slot
+        # map between tries), then fails closed (503) rather than hold the request throughout
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
     )
 
 

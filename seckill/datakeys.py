@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from seckill import keys, personal
+from seckill import connections, keys, personal
 from seckill.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,17 +34,19 @@ def with_dev_keys(settings: Settings, loopback: bool) -> Settings:
 
 def startup_problem(settings: Settings) -> str | None:
     """Why this process must not start with its data keys (one line), or None."""
-    client = redis.Redis.from_url(
-        settings.redis.url,
-        socket_timeout=settings.redis.socket_timeout_s,
-        socket_connect_timeout=settings.redis.connect_timeout_s,
-    )
+    import asyncio
+
+    return asyncio.run(_problem(settings))
+
+
+async def _problem(settings: Settings) -> str | None:
+    client = connections.connect(settings.redis)
     try:
         data = settings.data
         if not data.keys.strip():
-            return _needs_a_key(client)
+            return await _needs_a_key(client)
         sealer = personal.Sealer(data.keys, data.cipher, data.hash_key)
-        probes: Any = client.hgetall(keys.DATA_KEY_CHECKS)
+        probes: Any = await client.hgetall(keys.DATA_KEY_CHECKS)
         new, wrong = personal.check_probes(sealer, probes)
         if wrong:
             return (
@@ -52,21 +54,21 @@ def startup_problem(settings: Settings) -> str | None:
                 " before (wrong key): orders sealed with it could not be read"
             )
         for kid, probe in new.items():
-            client.hsetnx(keys.DATA_KEY_CHECKS, kid, probe)
+            await client.hsetnx(keys.DATA_KEY_CHECKS, kid, probe)
         return None
     except redis.RedisError as exc:
         # unreachable Redis is not a key problem: the gateway starts and says 503 until it is back
         log.warning("could not check data keys against Redis: %s", exc)
         return None
     finally:
-        client.close()
+        await connections.close(client)
 
 
-def _needs_a_key(client: redis.Redis) -> str | None:
-    members: Any = client.smembers(keys.ACTIVITIES)
+async def _needs_a_key(client: connections.Client) -> str | None:
+    members: Any = await client.smembers(keys.ACTIVITIES)
     for member in sorted(members):
         activity_id = member.decode()
-        if client.hget(keys.meta(activity_id), "requires_address") == b"1":
+        if await client.hget(keys.meta(activity_id), "requires_address") == b"1":
             return (
                 f"activity {activity_id!r} requires addresses but no data key is set:"
                 " set SECKILL_DATA_KEYS=kid:base64key (`seckill keys new KID` makes one)"

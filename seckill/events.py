@@ -12,6 +12,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
+
 from seckill import keys
 from seckill.connections import Client
 from seckill.scripts import CONNECTION_ERRORS
@@ -49,10 +52,21 @@ class Events:
     def close(self) -> None:
         self._closed = True
 
+    async def _subscription(self, turn: int) -> PubSub | ClusterPubSub:
+        """A pub/sub connection; on a cluster to its ``turn``-th node (any node will do: a
+        PUBLISH reaches every node over the cluster bus), so a dead node's successor is tried
+        next instead of the slot map the client may not have refreshed yet."""
+        if not isinstance(self._client, RedisCluster):
+            return self._client.pubsub()
+        await self._client.initialize()
+        nodes = self._client.get_nodes()
+        return self._client.pubsub(node=nodes[turn % len(nodes)])
+
     async def run(self) -> None:
         """Listen until closed (or cancelled), resubscribing after a lost connection."""
+        turn = 0
         while not self._closed:
-            pubsub = self._client.pubsub()
+            pubsub = await self._subscription(turn)
             try:
                 await pubsub.subscribe(keys.EVENTS_CHANNEL)
                 for resync in self._resyncs:  # events may have been missed meanwhile
@@ -67,7 +81,8 @@ class Events:
             except CONNECTION_ERRORS:
                 reraise_pending_cancel()
                 log.warning("event subscription lost; resubscribing")
+                turn += 1
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()

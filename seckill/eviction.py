@@ -12,7 +12,9 @@ import logging
 from typing import Any
 
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 
+from seckill import connections
 from seckill.scripts import CONNECTION_ERRORS
 from seckill.settings import Settings
 
@@ -23,24 +25,36 @@ REQUIRED = "noeviction"
 
 async def policy_refusal(settings: Settings) -> str | None:
     """One line saying why this Redis must not be used, or None (unreachable is no refusal)."""
-    from seckill.web.app import redis_client
-
-    client = redis_client(settings)
+    client = connections.connect(settings.redis)
     try:
-        # INFO rather than CONFIG GET: managed Redis services often rename or forbid CONFIG
-        info: Any = await client.info("memory")
+        policies = await _policies(client)
     except (*CONNECTION_ERRORS, redis_errors.RedisError) as exc:  # type: ignore[misc]
         log.warning("could not read Redis's maxmemory-policy at start (%r); not checked", exc)
         return None
     finally:
-        await client.aclose()
-    policy = str(info.get("maxmemory_policy", REQUIRED))
-    if policy == REQUIRED:
+        await connections.close(client)
+    wrong = {where: policy for where, policy in policies.items() if policy != REQUIRED}
+    if not wrong:
         return None
+    where, policy = sorted(wrong.items())[0]
     return (
-        f"Redis maxmemory-policy is {policy!r}: seckill needs {REQUIRED!r} (an evicting Redis "
-        f"drops idempotency keys and payment answers); run CONFIG SET maxmemory-policy {REQUIRED}"
+        f"Redis maxmemory-policy is {policy!r}{where}: seckill needs {REQUIRED!r} (an evicting "
+        f"Redis drops idempotency keys and payment answers); run CONFIG SET maxmemory-policy "
+        f"{REQUIRED}"
     )
+
+
+async def _policies(client: connections.Client) -> dict[str, str]:
+    """Each master's policy, by " on <node>" (empty for a single Redis or Sentinel primary)."""
+    # INFO rather than CONFIG GET: managed Redis services often rename or forbid CONFIG
+    if isinstance(client, RedisCluster):
+        replies: Any = await client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        return {f" on {node}": _policy(info) for node, info in replies.items()}
+    return {"": _policy(await client.info("memory"))}
+
+
+def _policy(info: Any) -> str:
+    return str(info.get("maxmemory_policy", REQUIRED))
 
 
 def check(settings: Settings) -> str | None:

@@ -114,6 +114,11 @@ def reserve_keys(
     return spelled
 
 
+def holders_snapshot_keys(activity_id: str) -> list[str]:
+    """KEYS of holders_snapshot.lua, in its order."""
+    return [stock(activity_id), counters(activity_id), holders(activity_id), sku_stock(activity_id)]
+
+
 def risk_devices(activity_id: str, device_hash: str) -> str:
     """Set: users who bought in the activity with one device (its keyed hash; "-": none)."""
     return f"{_tag(activity_id)}:risk:dev:{device_hash or '-'}"

@@ -79,6 +79,7 @@ class Scripts:
     register: Script
     install_draw: Script
     queue_position: Script
+    holders_snapshot: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:
@@ -148,6 +149,12 @@ def pack_frame(script: Script, keys: Sequence[str], args: Sequence[Arg]) -> byte
         return frame
     except TypeError as exc:
         raise ValueError(f"{script.name}: {exc}") from None
+
+
+def _unavailable(cause: BaseException) -> RedisUnavailable:
+    error = RedisUnavailable()
+    error.__cause__ = cause
+    return error
 
 
 async def _exchange(connection: AbstractConnection, frames: bytes, count: int) -> list[Any]:
@@ -264,9 +271,7 @@ class Coalescer:
         except CONNECTION_ERRORS as exc:
             for *_, future, _ in batch:
                 if not future.done():
-                    error = RedisUnavailable()
-                    error.__cause__ = exc
-                    future.set_exception(error)
+                    future.set_exception(_unavailable(exc))
             return
         except BaseException as exc:
             for *_, future, _ in batch:
@@ -361,8 +366,7 @@ class Coalescer:
                 if isinstance(result, CONNECTION_ERRORS):
                     todo += calls
                     for i in calls:
-                        replies[i] = RedisUnavailable()
-                        replies[i].__cause__ = result
+                        replies[i] = _unavailable(result)
                     continue
                 if isinstance(result, BaseException):
                     raise result
@@ -374,9 +378,7 @@ class Coalescer:
                 break
         for i in todo:
             if not isinstance(replies[i], RedisUnavailable):
-                error = RedisUnavailable()
-                error.__cause__ = replies[i]
-                replies[i] = error
+                replies[i] = _unavailable(replies[i])  # still moving after every round: 503
         return replies, replicas
 
     async def _node_exchange(

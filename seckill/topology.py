@@ -8,6 +8,7 @@ default's tens of seconds.
 
 from __future__ import annotations
 
+import abc
 import shutil
 import socket
 import subprocess
@@ -87,18 +88,27 @@ def _port_free(port: int) -> bool:
     return True
 
 
-class Topology:
+class Topology(abc.ABC):
     """What the cluster and the sentinel setup share: nodes to start, kill and restart."""
 
     nodes: list[EmbeddedRedis]
 
     @property
+    @abc.abstractmethod
     def url(self) -> str:
-        raise NotImplementedError
+        """The SECKILL_REDIS_URL that reaches this topology."""
 
     def kill(self, node: EmbeddedRedis) -> None:
         """SIGKILL one node (no AOF flush, no goodbye to its peers)."""
         node.kill()
+
+    @abc.abstractmethod
+    def client(self) -> redis.Redis | redis.RedisCluster:
+        """A synchronous client for the data (tests: setting up, looking in)."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Empty every master (replicas follow)."""
 
     def restart(self, node: EmbeddedRedis) -> None:
         """Start a killed node again on its port, from its own data."""
@@ -163,6 +173,14 @@ class Cluster(Topology):
             self.stop()
             raise
         return self.url
+
+    def client(self) -> redis.RedisCluster:
+        master = self.masters()[0]
+        return redis.RedisCluster(host=HOST, port=master.port)
+
+    def flush(self) -> None:
+        for master in self.masters():
+            ask(master, "FLUSHALL")
 
     def masters(self) -> list[EmbeddedRedis]:
         """The running nodes that are masters now."""
@@ -283,6 +301,12 @@ class Sentinels(Topology):
             self.stop()
             raise
         return self.url
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host=HOST, port=self.master().port)
+
+    def flush(self) -> None:
+        ask(self.master(), "FLUSHALL")
 
     def master(self) -> EmbeddedRedis:
         """The data node the (running) sentinels name as primary now."""

@@ -13,8 +13,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from seckill import settings as settings_module
 from seckill.embedded import EmbeddedRedis
 from seckill.settings import Settings
-from seckill.topology import Cluster, Sentinels
+from seckill.topology import Cluster, Sentinels, Topology
 from seckill.web.app import create_app
+from tests.scriptaudit import ScriptAudit
 
 
 @pytest.fixture(scope="session")
@@ -42,18 +43,86 @@ def redis_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentin
         yield sentinels
 
 
+# The contract (tests marked `contract`) runs on each of these; every other test on one node.
+TOPOLOGIES = ("single", "cluster", "sentinel")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--topology",
+        action="append",
+        choices=TOPOLOGIES,
+        help="run the contract tests on this Redis topology only (repeatable; default: all)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "contract: runs on one Redis, a Redis Cluster and a Sentinel primary"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "topology" in metafunc.fixturenames and metafunc.definition.get_closest_marker("contract"):
+        chosen = metafunc.config.getoption("--topology") or TOPOLOGIES
+        metafunc.parametrize("topology", chosen, indirect=True)
+
+
 @pytest.fixture
-def redis_url(redis_server: EmbeddedRedis) -> str:
-    """The private Redis, emptied before each test."""
+def topology(request: pytest.FixtureRequest) -> Topology | None:
+    """The cluster or sentinel setup this test runs on; None for the private single Redis."""
+    name = getattr(request, "param", "single")
+    if name == "single":
+        return None
+    fixture = "redis_cluster" if name == "cluster" else "redis_sentinels"
+    chosen: Topology = request.getfixturevalue(fixture)
+    return chosen
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest, topology: Topology | None) -> str:
+    """The test's Redis (one node, or the topology of a contract test), emptied first."""
+    if topology is not None:
+        topology.flush()
+        return topology.url
+    redis_server: EmbeddedRedis = request.getfixturevalue("redis_server")
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     client.close()
     return redis_server.url
 
 
+@pytest.fixture(scope="session")
+def script_audit(redis_server: EmbeddedRedis) -> Iterator[ScriptAudit]:
+    """Every script the private Redis runs, watched (tests/scriptaudit.py)."""
+    audit = ScriptAudit(redis_server.port)
+    audit.start()
+    yield audit
+    audit.stop()
+
+
+@pytest.fixture(autouse=True)
+def scripts_keep_to_their_keys(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Contract tests on one Redis: every script kept to its KEYS, and they share one slot
+    (what Redis Cluster needs, and does not check on one node)."""
+    callspec = getattr(request.node, "callspec", None)
+    on_one_node = callspec is not None and callspec.params.get("topology") == "single"
+    if not on_one_node or request.node.get_closest_marker("contract") is None:
+        yield
+        return
+    audit: ScriptAudit = request.getfixturevalue("script_audit")
+    audit.checkpoint()  # what ran before this test is not its doing
+    yield
+    problems = audit.checkpoint()
+    assert not problems, "scripts outside their KEYS:\n" + "\n".join(problems)
+
+
 @pytest.fixture
-def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+def sync_redis(
+    redis_url: str, topology: Topology | None
+) -> Iterator[redis.Redis | redis.RedisCluster]:
+    """A synchronous client on the test's Redis (a cluster client on a cluster)."""
+    client = redis.Redis.from_url(redis_url) if topology is None else topology.client()
     yield client
     client.close()
 

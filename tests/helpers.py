@@ -59,19 +59,27 @@ def loops_alive(sync_redis: Any) -> None:
 
 
 @contextlib.contextmanager
-def redis_commands(sync_redis: redis.Redis) -> Iterator[list[list[bytes]]]:
+def redis_commands(sync_redis: redis.Redis | redis.RedisCluster) -> Iterator[list[list[bytes]]]:
     """Every command Redis ran inside the block (the slow log at a 0 us threshold), whoever
-    sent it: a test then asserts on the commands that name its own keys, never on counts of
-    the whole server (background loops of any process share this Redis)."""
+    sent it, on every master of a cluster: a test then asserts on the commands that name its
+    own keys, never on counts of the whole server (background loops of any process share this
+    Redis)."""
     seen: list[list[bytes]] = []
-    old = sync_redis.config_get("slowlog-*")
-    sync_redis.config_set("slowlog-max-len", 1_000_000)
-    sync_redis.config_set("slowlog-log-slower-than", 0)
-    sync_redis.slowlog_reset()
+    nodes = (
+        [sync_redis.get_redis_connection(n) for n in sync_redis.get_primaries()]
+        if isinstance(sync_redis, redis.RedisCluster)
+        else [sync_redis]
+    )
+    old = [node.config_get("slowlog-*") for node in nodes]
+    for node in nodes:
+        node.config_set("slowlog-max-len", 1_000_000)
+        node.config_set("slowlog-log-slower-than", 0)
+        node.slowlog_reset()
     try:
         yield seen
     finally:
-        entries = sync_redis.slowlog_get(1_000_000)
-        for name, value in old.items():
-            sync_redis.config_set(name, value)
-        seen.extend([list(entry["command"].split()) for entry in entries])
+        for node, settings in zip(nodes, old, strict=True):
+            entries = node.slowlog_get(1_000_000)
+            for name, value in settings.items():
+                node.config_set(name, value)
+            seen.extend([list(entry["command"].split()) for entry in entries])

@@ -10,12 +10,19 @@ store inserts the order from the change's full record.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from seckill import keys
-from seckill.connections import Client
-from seckill.orders.entries import Entry, is_orders, text
+from seckill.connections import Client, is_cluster
+from seckill.orders.entries import Entry, activity_of, is_orders, text
 from seckill.orders.streams import GROUP, ensure_group
+
+# On a cluster a blocking read cannot span activities (their streams are in different slots):
+# reads go out per activity without blocking, at most this many at once (the pool of each
+# master is bounded), and a round that found nothing waits this long before the next.
+CLUSTER_READS_IN_FLIGHT = 16
+CLUSTER_IDLE_MS = 50
 
 # The part of each batch kept for the changes streams while orders wait (they take it all
 # when no change waits).
@@ -81,6 +88,33 @@ class Intake:
             self._turn += budget
             streams = (streams[start:] + streams[:start])[:budget]
         count = budget // len(streams)
+        if is_cluster(self.client):
+            return await self._read_per_activity(consumer, streams, count, block_ms)
+        return await self._xreadgroup(consumer, streams, count, block_ms)
+
+    async def _read_per_activity(
+        self, consumer: str, streams: list[str], count: int, block_ms: int | None
+    ) -> list[Entry]:
+        """On a cluster: one non-blocking XREADGROUP per activity (its streams share a slot;
+        two activities' need not), a few at a time; an idle round then waits briefly."""
+        by_activity: dict[str, list[str]] = {}
+        for stream in streams:
+            by_activity.setdefault(activity_of(stream), []).append(stream)
+        gate = asyncio.Semaphore(CLUSTER_READS_IN_FLIGHT)
+
+        async def read(group: list[str]) -> list[Entry]:
+            async with gate:
+                return await self._xreadgroup(consumer, group, count, None)
+
+        batches = await asyncio.gather(*(read(group) for group in by_activity.values()))
+        entries = [entry for batch in batches for entry in batch]
+        if not entries and block_ms is not None:
+            await asyncio.sleep(min(block_ms, CLUSTER_IDLE_MS) / 1000)
+        return entries
+
+    async def _xreadgroup(
+        self, consumer: str, streams: list[str], count: int, block_ms: int | None
+    ) -> list[Entry]:
         reply: Any = await self.client.xreadgroup(
             GROUP, consumer, dict.fromkeys(streams, ">"), count=count, block=block_ms
         )

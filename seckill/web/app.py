@@ -156,6 +156,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     catalog = Catalog(
         client,
+        scripts,
         refresh_interval_s=settings.purchase.refresh_interval_s,
         negative_cache_s=settings.purchase.negative_cache_s,
         backlog_ceiling=settings.writer.backlog_ceiling,
@@ -290,6 +291,7 @@ def create_app(settings: Settings) -> web.Application:
         hashing,
         deny,
         HitLog(client),
+        one_call=not connections.is_cluster(client),
     )
     metrics.readings.add(
         "seckill_risk_hits_total",

@@ -10,6 +10,7 @@ import redis
 
 from seckill import connections
 from seckill import settings as settings_module
+from seckill.errors import RedisUnavailable
 from seckill.scripts import Coalescer, Script
 from seckill.settings import RedisSettings
 from seckill.topology import HOST, Cluster, Sentinels
@@ -65,12 +66,18 @@ async def test_coalesced_scripts_run_on_every_master_after_their_cache_is_lost(
 
 
 async def test_the_sentinel_client_waits_for_a_connection_and_follows_a_failover(
-    redis_sentinels: Sentinels,
+    redis_sentinels: Sentinels, tmp_path: Path
 ) -> None:
     """At its cap the pool waits for a free connection (as on one node) rather than failing;
-    after the primary dies the same client writes to the promoted replica."""
+    after the primary dies the same client, and the coalescer's packed pipelines on it, write
+    to the promoted replica."""
+    source = tmp_path / "incr.lua"
+    source.write_text("return redis.call('INCRBY', KEYS[1], ARGV[1])\n")
+    script = Script.from_file(source)
     client = connections.connect(_redis_settings(redis_sentinels.url, max_connections=1))
+    coalescer = Coalescer(client, max_batch=64, in_flight=1)
     try:
+        assert await coalescer.call(script, ["conn:n"], [1]) == 1
         # two blocking reads on one connection: the second waits for the first to end
         assert await asyncio.gather(
             client.blpop(["conn:none"], timeout=0.2), client.blpop(["conn:none"], timeout=0.2)
@@ -82,12 +89,15 @@ async def test_the_sentinel_client_waits_for_a_connection_and_follows_a_failover
         promoted = redis_sentinels.wait_failover(primary)
         assert await _eventually(lambda: client.set("conn:after", "2"))
         assert await client.get("conn:before") == b"1"
+        assert await _eventually(lambda: coalescer.call(script, ["conn:n"], [1]))
+        assert await client.get("conn:n") == b"2"
         direct = redis.Redis(host=HOST, port=promoted.port)
         assert direct.get("conn:after") == b"2"
         direct.close()
         redis_sentinels.restart(primary)
         await asyncio.to_thread(redis_sentinels.wait_ok)
     finally:
+        await coalescer.close()
         await connections.close(client)
 
 
@@ -97,6 +107,23 @@ async def _eventually(attempt: object, tries: int = 50) -> bool:
     for _ in range(tries):
         try:
             return bool(await attempt())
-        except redis.ConnectionError:
+        except (redis.ConnectionError, RedisUnavailable):
             await asyncio.sleep(0.2)
     pytest.fail("never succeeded")
+
+
+async def test_an_evicting_master_of_a_cluster_is_refused(redis_cluster: Cluster) -> None:
+    """Every master is asked: one left at allkeys-lru (not the first) refuses the cluster."""
+    from seckill import eviction
+
+    settings = settings_module.load(environ={"SECKILL_REDIS_URL": redis_cluster.url})
+    assert await eviction.policy_refusal(settings) is None
+    last = redis.Redis(host=HOST, port=redis_cluster.masters()[-1].port)
+    last.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        refusal = await eviction.policy_refusal(settings)
+    finally:
+        last.config_set("maxmemory-policy", "noeviction")
+        last.close()
+    assert refusal is not None
+    assert "'allkeys-lru' on " in refusal and str(redis_cluster.masters()[-1].port) in refusal

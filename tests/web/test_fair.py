@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -26,6 +27,8 @@ from seckill.settings import Settings
 from seckill.web.app import create_app
 from seckill.web.state import SERVICES
 from tests.helpers import activity_body, admin_headers, loops_alive, rfc3339, user_headers
+
+pytestmark = pytest.mark.contract
 
 Client = TestClient[Any, Any]
 # registration closes at starts_at: long enough to register on a busy machine

@@ -23,6 +23,8 @@ from seckill.settings import Settings
 from seckill.web.state import SERVICES
 from tests.helpers import activity_body, admin_headers, user_headers
 
+pytestmark = pytest.mark.contract
+
 Client = TestClient[Any, Any]
 PRICE = 1000
 
@@ -384,8 +386,7 @@ async def test_several_sweepers_release_each_order_exactly_once(
     client: Client, settings: Settings, sync_redis: redis.Redis, redis_url: str
 ) -> None:
     """Invariant: sweepers in several processes at once give each unit back exactly once."""
-    from redis.asyncio import Redis
-
+    from seckill import connections
     from seckill.scripts import Coalescer, Scripts
     from seckill.stock import Stock
 
@@ -398,14 +399,14 @@ async def test_several_sweepers_release_each_order_exactly_once(
         record["expires_at"] = int(time.time() * 1000) - 1
         sync_redis.hset(keys.orders(activity_id), order_id, msgpack.packb(record))
         sync_redis.zadd(keys.deadlines(activity_id), {order_id: record["expires_at"]})
-    clients = [Redis.from_url(redis_url) for _ in range(3)]
+    clients = [connections.connect(settings.redis) for _ in range(3)]
     sweepers = [
         Sweeper(Stock(c, Scripts.from_dir(), Coalescer(c, max_batch=8, in_flight=1), 90_000))
         for c in clients
     ]
     expired = await asyncio.gather(*(s.sweep() for s in sweepers))
     for c in clients:
-        await c.aclose()
+        await connections.close(c)
     assert sum(expired) == 20, f"each order expired by exactly one sweeper: {expired}"
     counters = _counters(sync_redis, activity_id)
     assert counters["released"] == 30 and counters["available"] == 40

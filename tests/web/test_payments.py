@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import redis
 from aiohttp.test_utils import TestClient
 
@@ -12,6 +13,8 @@ from seckill import keys
 from seckill.auth import PaymentSignature
 from seckill.settings import Settings
 from tests.helpers import activity_body, admin_headers, user_headers
+
+pytestmark = pytest.mark.contract
 
 Client = TestClient[Any, Any]
 PRICE = 1000

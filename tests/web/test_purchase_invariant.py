@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import msgpack
+import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -15,6 +16,8 @@ from seckill import keys
 from seckill.settings import Settings
 from seckill.web.app import create_app
 from tests.helpers import activity_body, admin_headers, user_headers
+
+pytestmark = pytest.mark.contract
 
 
 async def _create(client: TestClient[Any, Any], settings: Settings, **overrides: Any) -> str:

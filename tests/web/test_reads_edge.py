@@ -21,6 +21,8 @@ from seckill.web.app import create_app
 from seckill.web.state import SERVICES
 from tests.helpers import activity_body, admin_headers, redis_commands, user_headers
 
+pytestmark = pytest.mark.contract
+
 Client = TestClient[Any, Any]
 
 

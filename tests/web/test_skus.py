@@ -17,6 +17,8 @@ from seckill.settings import Settings
 from seckill.web.state import SERVICES
 from tests.helpers import activity_body, admin_headers, loops_alive, redis_commands, user_headers
 
+pytestmark = pytest.mark.contract
+
 Client = TestClient[Any, Any]
 SKUS = [
     {"sku_id": "red", "title": "Red", "price_cents": 1000, "stock": 5},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -13,6 +14,8 @@ from seckill.settings import Settings
 from seckill.web.app import create_app
 from seckill.web.state import SERVICES
 from tests.helpers import activity_body, admin_headers, redis_commands, user_headers
+
+pytestmark = pytest.mark.contract
 
 Client = TestClient[Any, Any]
 

@@ -21,6 +21,8 @@ from seckill.embedded import free_port
 from seckill.switches import FLAGS
 from tests.helpers import activity_body, user_headers
 
+pytestmark = pytest.mark.contract
+
 SETTINGS = settings_module.load(environ={})
 ADMIN = {"Authorization": f"Bearer {SETTINGS.admin.token}"}
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
