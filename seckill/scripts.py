@@ -281,10 +281,7 @@ class Coalescer:
         for (*_, future, durable), reply, confirmed in zip(batch, replies, replicas, strict=True):
             if future.done():
                 continue
-            if isinstance(reply, CONNECTION_ERRORS):
-                # a cluster pipeline answers per command: the node of this one was away
-                future.set_exception(_unavailable(reply))
-            elif isinstance(reply, Exception):
+            if isinstance(reply, Exception):
                 future.set_exception(reply)
             elif confirmed < 1 and (durable is None or durable(reply)):
                 future.set_exception(NotReplicated())
@@ -381,7 +378,7 @@ class Coalescer:
                 break
         for i in todo:
             if not isinstance(replies[i], RedisUnavailable):
-                replies[i] = _unavailable(replies[i])
+                replies[i] = _unavailable(replies[i])  # still moving after every round: 503
         return replies, replicas
 
     async def _node_exchange(

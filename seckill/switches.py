@@ -159,6 +159,7 @@ class Switches:
         else:
             reply = await self._scripts.set_flag(self._client, flag_keys, args)
         expires = reply[1].decode()
+        # known here at once, not only after the event comes back (a snapshot may come first)
         self._values[name] = value
         if expires:
             self._expiries[name] = int(expires)
