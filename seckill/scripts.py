@@ -78,6 +78,8 @@ class Scripts:
     register: Script
     install_draw: Script
     queue_position: Script
+    transfer_out: Script
+    transfer_in: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:

@@ -15,6 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from seckill import keys
+from seckill.buckets import key_spaces
 from seckill.orders.entries import Entry, is_orders, text
 from seckill.orders.streams import GROUP, ensure_group
 
@@ -35,10 +36,9 @@ class Intake:
         self._turn = 0
 
     async def discover(self) -> list[str]:
-        """Add the streams of new activities (creating the group); the new ones."""
-        members: Any = await self.client.smembers(keys.ACTIVITIES)
+        """Add the streams of new activities and buckets (creating the group); the new ones."""
         added: list[str] = []
-        for activity_id in sorted(text(m) for m in members):
+        for activity_id in await key_spaces(self.client):
             for stream in (keys.stream(activity_id), keys.changes(activity_id)):
                 if stream not in self._known:
                     await ensure_group(self.client, stream)
