@@ -41,6 +41,8 @@ from seckill.skus import OrderRequest
 from seckill.stock import NO_LIMITS, Outcome, Reservation
 
 if TYPE_CHECKING:
+    from seckill.activities import Activity
+    from seckill.buckets import Buckets
     from seckill.catalog import Entry
     from seckill.web.state import Services
 
@@ -175,7 +177,9 @@ async def decide(
         reservation = await services.redis_breaker.call(attempt)
         if reservation.outcome is Outcome.SOLD_OUT and count > 1:
             reservation = await services.redis_breaker.call(
-                lambda: _from_other_buckets(services, entry, space, order.quantity, attempt)
+                lambda: from_other_buckets(
+                    services.stock.buckets, activity, space, order.quantity, attempt
+                )
             )
     except BreakerOpen:
         # fail closed: never sell without Redis; retry once the breaker has probed again
@@ -216,20 +220,19 @@ async def decide(
     return Decision(error=error)
 
 
-async def _from_other_buckets(
-    services: Services,
-    entry: Entry,
+async def from_other_buckets(
+    moving: Buckets,
+    activity: Activity,
     space: str,
     quantity: int,
     attempt: Callable[[bool], Awaitable[Reservation]],
 ) -> Reservation:
-    """The home bucket said sold_out: move units to it from the others and try again.
+    """The home bucket ``space`` said sold_out: move units to it from the others, try again.
 
-    Sold out stands only once the buckets together hold fewer than ``quantity`` (what one
-    Redis would have answered); a home bucket that others keep emptying is refilled again.
+    ``attempt(True)`` runs the purchase script in the home bucket once more. Sold out stands
+    only once the buckets together hold fewer than ``quantity`` (what one Redis would have
+    answered); a home bucket that others keep emptying is refilled again.
     """
-    activity = entry.activity
-    moving = services.stock.buckets
     for _ in range(_MOVE_ROUNDS):
         moved = await moving.refill(activity.id, activity.buckets, space, quantity)
         if not moved and await moving.left(activity.id, activity.buckets) < quantity:
