@@ -24,7 +24,7 @@ from seckill.orders.writer import Writer, WriterConfig
 from seckill.scripts import Scripts
 from seckill.settings import Settings
 from seckill.web.state import SERVICES
-from tests.helpers import activity_body, admin_headers, loops_alive, user_headers
+from tests.helpers import activity_body, admin_headers, loops_alive, redis_commands, user_headers
 
 Client = TestClient[Any, Any]
 SCRIPTS = Scripts.from_dir()
@@ -319,3 +319,55 @@ async def test_units_in_transit_are_never_answered_sold_out(
     assert (await buy(third, 2))[1]["error"]["code"] == "sold_out", "one left, two asked"
     assert (await buy(third, 1))[0] == 202
     assert (await buy(f"{third}x", 1))[1]["error"]["code"] == "sold_out"
+
+
+async def test_a_bucket_that_can_serve_costs_one_script_as_without_buckets(
+    client: Client, settings: Settings, sync_redis: redis.Redis
+) -> None:
+    plain = (await _create(client, settings, stock=8))["id"]
+    split = (await _create(client, settings, stock=8, buckets=4))["id"]
+    for activity_id in (plain, split):
+        await client.get(f"/api/v1/activities/{activity_id}")  # warm: the catalog holds it
+        with redis_commands(sync_redis) as commands:
+            response = await client.post(
+                f"/api/v1/activities/{activity_id}/orders",
+                json={"quantity": 1},
+                headers=user_headers(settings, "ann", "k"),
+            )
+            assert response.status == 202
+        tag = f"{{a:{activity_id}".encode()
+        # what this purchase sent (the slow log lists the scripts' own commands too): the
+        # scripts, and the moving step's journal removal and sum of the buckets
+        sent = [c[0].upper() for c in commands if any(tag in arg for arg in c) and _client_sent(c)]
+        assert sent == [b"EVALSHA"], (activity_id, sent)
+
+    # an empty home bucket: the script, one move (its two halves and the journal removal),
+    # the script again (the slow log keeps no order between a script and its commands)
+    mate = next(
+        u
+        for u in (f"m{n}" for n in range(1000))
+        if buckets.home(split, 4, u) == buckets.home(split, 4, "ann")
+    )
+    sync_redis.set(keys.stock(buckets.home(split, 4, "ann")), 0)
+    sync_redis.hincrby(keys.counters(buckets.home(split, 4, "ann")), "initial_stock", -1)
+    with redis_commands(sync_redis) as commands:
+        response = await client.post(
+            f"/api/v1/activities/{split}/orders",
+            json={"quantity": 1},
+            headers=user_headers(settings, mate, "k"),
+        )
+        assert response.status == 202
+    tags = [f"{{a:{s}}}".encode() for s in buckets.spaces(split, 4)]
+    sent = [
+        c[0].upper()
+        for c in commands
+        if any(tag in arg for arg in c for tag in tags) and _client_sent(c)
+    ]
+    assert Counter(sent) == {b"EVALSHA": 4, b"HDEL": 1}, sent
+
+
+def _client_sent(command: list[bytes]) -> bool:
+    name = command[0].upper()
+    if name == b"HMGET":  # the sum of the buckets, not the catalog's read (orders_created)
+        return b"initial_stock" in command and b"orders_created" not in command
+    return name == b"EVALSHA" or (name == b"HDEL" and command[1].endswith(b":moves"))
