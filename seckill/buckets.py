@@ -59,6 +59,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+async def spaces_of(client: Redis, activity_id: str) -> list[str]:
+    """Every bucket's key space of the activity, as its stored definition says."""
+    try:
+        count: Any = await client.hget(keys.meta(activity_id), "buckets")
+    except CONNECTION_ERRORS as exc:
+        raise RedisUnavailable() from exc
+    return spaces(activity_id, int(count or 1))
+
+
 async def key_spaces(client: Redis) -> list[str]:
     """Every key space that holds orders: each activity's, and its buckets' (sorted).
 

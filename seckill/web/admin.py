@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from seckill import clock, keys, report
+from seckill import buckets, clock, keys, report
 from seckill.activities import Activity
 from seckill.denylist import deny_body
 from seckill.errors import InvalidRequest, NotFound, Overloaded, RedisUnavailable
@@ -136,8 +136,11 @@ async def dead_letters(request: web.Request) -> web.Response:
         known = await services.redis.exists(keys.meta(activity_id), keys.dead_letters(activity_id))
         if not known:
             raise NotFound("no such activity")
-        count = await deadletters.count(services.redis, activity_id)
-        page = await deadletters.page(services.redis, activity_id, limit)
+        count, page = 0, list[dict[str, Any]]()
+        for space in await buckets.spaces_of(services.redis, activity_id):
+            count += await deadletters.count(services.redis, space)
+            if len(page) < limit:  # a bucketed activity's buckets in turn
+                page += await deadletters.page(services.redis, space, limit - len(page))
     except CONNECTION_ERRORS as exc:
         raise RedisUnavailable() from exc
     return web.json_response({"activity_id": activity_id, "count": count, "dead_letters": page})
