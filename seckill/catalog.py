@@ -95,6 +95,7 @@ class Catalog:
         self._missing: dict[str, float] = {}
         self._loading: dict[str, asyncio.Future[Entry | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._settling: set[str] = set()  # bucketed activities whose sum is being re-read
         self._closed = False
         # every activity id that exists (sk:activities), refreshed with the catalog; None until
         # first read. An id outside it is unknown without a Redis call (storms of random ids).
@@ -240,7 +241,7 @@ class Catalog:
             # ``stock_left`` is the buyer's bucket's: only the sum says sold out
             entry.orders_created += 1
             if stock_left <= 0:
-                self._spawn(self._reload_quietly(activity_id))
+                self._settle(activity_id)
             return
         entry.stock_left = stock_left
         if sku_id and sku_left is not None and sku_id in entry.sku_left:
@@ -252,14 +253,31 @@ class Catalog:
     def note_sold_out(self, activity_id: str) -> None:
         """Redis said sold_out but this process had no usable mark: re-read soon.
 
-        For a bucketed activity that answer came from all buckets together: tell every process.
+        For a bucketed activity that answer came from all buckets together (fewer units than
+        asked for): re-read their sum, and at 0 tell every process.
         """
         entry = self._entries.get(activity_id)
-        if entry is not None and entry.activity.buckets > 1 and entry.stock_left > 0:
-            entry.stock_left = 0
-            self._spawn(self._announce_sold_out(activity_id))
+        if entry is not None and entry.activity.buckets > 1:
+            if entry.stock_left > 0:
+                self._settle(activity_id)
         elif entry is not None and entry.holders is None:
             self._spawn(self._reload_quietly(activity_id))
+
+    def _settle(self, activity_id: str) -> None:
+        """Re-read a bucketed activity's sum, once at a time; at 0, tell every process."""
+        if activity_id not in self._settling:
+            self._settling.add(activity_id)
+            self._spawn(self._settle_buckets(activity_id))
+
+    async def _settle_buckets(self, activity_id: str) -> None:
+        try:
+            await self._reload_quietly(activity_id)
+            entry = self._entries.get(activity_id)
+            if entry is not None and entry.stock_left <= 0:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    await self._client.publish(keys.EVENTS_CHANNEL, f"soldout:{activity_id}")
+        finally:
+            self._settling.discard(activity_id)
 
     async def _announce_sold_out(self, activity_id: str) -> None:
         with contextlib.suppress(*CONNECTION_ERRORS):

@@ -157,7 +157,7 @@ class Sale:
 
 
 @settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     count=st.integers(1, 4),
@@ -223,7 +223,7 @@ async def _step(sale: Sale, model: Model, created: dict[str, str], step: tuple[A
             model.release(order_id)
         elif outcome is not None:
             assert outcome is Release.NOT_CANCELLABLE, step
-    elif kind == "cut":
+    elif kind == "cut" and sale.activity.buckets > 1:  # one bucket never moves stock
         model.stranded += await sale.cut(*step[1:])
     elif kind == "recover":
         await sale.recover()
