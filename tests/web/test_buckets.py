@@ -9,6 +9,7 @@ up and stays consistent.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ import redis
 from aiohttp.test_utils import TestClient
 
 from seckill import buckets, keys
+from seckill.auth import PaymentSignature
 from seckill.orders.sweeper import Sweeper
 from seckill.orders.writer import Writer, WriterConfig
 from seckill.scripts import Scripts
@@ -234,13 +236,31 @@ async def test_orders_of_any_bucket_are_read_cancelled_and_expired(
     sync_redis.zadd(keys.deadlines(space), {placed[expiring]: record["expires_at"]})
     services = client.server.app[SERVICES]
     assert await Sweeper(services.stock).sweep() == 1
+    # one payment, in yet another bucket than 0
+    paying = next(
+        u for u in placed if u not in cancelled and u != expiring and spaces[u] != activity_id
+    )
+    raw = json.dumps(
+        {
+            "event_id": "ev-1",
+            "order_id": placed[paying],
+            "amount_cents": 199_900,
+            "status": "SUCCESS",
+        }
+    ).encode()
+    signature = PaymentSignature(settings.payment.secret, 300).sign(raw)
+    paid = await client.post(
+        "/api/v1/payments/notify", data=raw, headers={"Seckill-Signature": signature}
+    )
+    assert (await paid.json()) == {"result": "paid"}
 
     loops_alive(sync_redis)
     await Writer(services.redis, services.store, WriterConfig(block_ms=10), "w").drain()
     url = f"/admin/v1/activities/{activity_id}/report"
     report = await (await client.get(url, headers=admin_headers(settings))).json()
     assert report["consistent"] is True, report["problems"]
-    assert (report["available"], report["reserved"], report["released"]) == (3, 5, 3)
+    assert (report["available"], report["reserved"], report["paid"]) == (3, 4, 1)
+    assert report["released"] == 3
     for user, order_id in placed.items():
         stored = await services.store.order(order_id)
         assert stored is not None and stored.user_id == user
