@@ -19,6 +19,7 @@ import logging
 import random
 import secrets
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -82,6 +83,22 @@ async def key_spaces(client: Redis) -> list[str]:
     return sorted({_text(m) for m in activities} | {_text(m) for m in extra})
 
 
+@dataclass(frozen=True, slots=True)
+class Survey:
+    """What an activity's buckets hold, read bucket after bucket.
+
+    ``left``: units for sale in all buckets together, those in transit included. Per bucket,
+    initial - reserved - paid == stock + moved_out - moved_in: it changes only when that bucket
+    sells or takes back, never when units move. Each bucket's figure is read atomically (one
+    HMGET), the buckets one after another; while nothing is given back each figure only falls,
+    so a sum below q means fewer than q were left at the end of the reading.
+    ``on_sale``: each bucket's stock as read, a hint of where to move units from.
+    """
+
+    left: int
+    on_sale: dict[str, int]
+
+
 class Buckets:
     """Moves stock between the buckets of an activity, and adds up what they hold."""
 
@@ -89,16 +106,17 @@ class Buckets:
         self._client = client
         self._scripts = scripts
 
-    async def refill(self, activity_id: str, buckets: int, to: str, want: int) -> int:
+    async def refill(self, survey: Survey, to: str, want: int) -> int:
         """Move up to ``want`` units into bucket ``to`` from the others; how many came.
 
-        The givers are asked from a random one on, so buyers of one home bucket do not all
-        drain the same neighbour.
+        The givers are those the survey saw holding stock, the fullest first (ties in a random
+        order, so buyers of one home bucket do not all drain the same neighbour).
         """
-        givers = [s for s in spaces(activity_id, buckets) if s != to]
-        start = random.randrange(len(givers))
+        givers = [s for s, held in survey.on_sale.items() if s != to and held > 0]
+        random.shuffle(givers)
+        givers.sort(key=lambda s: -survey.on_sale[s])
         moved = 0
-        for giver in givers[start:] + givers[:start]:
+        for giver in givers:
             moved += await self._move(giver, to, want - moved)
             if moved >= want:
                 break
@@ -124,22 +142,23 @@ class Buckets:
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
 
-    async def left(self, activity_id: str, buckets: int) -> int:
-        """Units still for sale in all buckets together, those in transit included.
-
-        Per bucket, initial - reserved - paid == stock + moved_out - moved_in: it changes only
-        when that bucket sells or takes back, never when units move. Each bucket's figure is
-        read atomically, the buckets one after another; while nothing is given back, each
-        figure only falls, so a sum of 0 means nothing was left at the end of the reading.
-        """
+    async def survey(self, activity_id: str, buckets: int) -> Survey:
+        """What the buckets hold, in one pipelined round trip (see Survey)."""
         pipe = self._client.pipeline(transaction=False)
-        for space in spaces(activity_id, buckets):
+        every = spaces(activity_id, buckets)
+        for space in every:
             pipe.hmget(keys.counters(space), "initial_stock", "reserved", "paid")
+            pipe.get(keys.stock(space))
         try:
             replies = await pipe.execute()
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
-        return sum(int(a or 0) - int(r or 0) - int(p or 0) for a, r, p in replies)
+        left = sum(int(a or 0) - int(r or 0) - int(p or 0) for a, r, p in replies[::2])
+        return Survey(left, {s: int(v or 0) for s, v in zip(every, replies[1::2], strict=True)})
+
+    async def left(self, activity_id: str, buckets: int) -> int:
+        """Units still for sale in all buckets together, those in transit included."""
+        return (await self.survey(activity_id, buckets)).left
 
     async def recover(self, space: str, now_ms: int) -> int:
         """Finish the moves journaled in ``space`` before now - ABANDONED_MS; how many."""

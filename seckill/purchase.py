@@ -231,12 +231,14 @@ async def from_other_buckets(
 
     ``attempt(True)`` runs the purchase script in the home bucket once more. Sold out stands
     only once the buckets together hold fewer than ``quantity`` (what one Redis would have
-    answered); a home bucket that others keep emptying is refilled again.
+    answered: in the storm after a sell-out that is one pipelined read); a home bucket that
+    others keep emptying is refilled again.
     """
     for _ in range(_MOVE_ROUNDS):
-        moved = await moving.refill(activity.id, activity.buckets, space, quantity)
-        if not moved and await moving.left(activity.id, activity.buckets) < quantity:
+        survey = await moving.survey(activity.id, activity.buckets)
+        if survey.left < quantity:
             return Reservation(Outcome.SOLD_OUT)
+        await moving.refill(survey, space, quantity)
         reservation = await attempt(True)
         if reservation.outcome is not Outcome.SOLD_OUT:
             return reservation
