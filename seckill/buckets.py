@@ -19,6 +19,7 @@ import logging
 import random
 import secrets
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,16 @@ def spaces(activity_id: str, buckets: int) -> list[str]:
 def activity_of_space(space: str) -> str:
     """The activity a key space belongs to."""
     return space.partition(".")[0]
+
+
+# a bucket's counters that say what it has left (left_of)
+LEFT_FIELDS = ("initial_stock", "reserved", "paid")
+
+
+def left_of(counts: Sequence[Any]) -> int:
+    """Units for sale in a bucket or in transit from it, from its LEFT_FIELDS (see Survey)."""
+    initial, reserved, paid = counts
+    return int(initial or 0) - int(reserved or 0) - int(paid or 0)
 
 
 def _text(value: Any) -> str:
@@ -147,13 +158,13 @@ class Buckets:
         pipe = self._client.pipeline(transaction=False)
         every = spaces(activity_id, buckets)
         for space in every:
-            pipe.hmget(keys.counters(space), "initial_stock", "reserved", "paid")
+            pipe.hmget(keys.counters(space), *LEFT_FIELDS)
             pipe.get(keys.stock(space))
         try:
             replies = await pipe.execute()
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
-        left = sum(int(a or 0) - int(r or 0) - int(p or 0) for a, r, p in replies[::2])
+        left = sum(left_of(counts) for counts in replies[::2])
         return Survey(left, {s: int(v or 0) for s, v in zip(every, replies[1::2], strict=True)})
 
     async def left(self, activity_id: str, buckets: int) -> int:

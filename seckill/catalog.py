@@ -34,17 +34,14 @@ from seckill.scripts import CONNECTION_ERRORS
 log = logging.getLogger(__name__)
 
 _MAX_NEGATIVE = 10_000
-# what each bucket's counters say: orders created, and stock left = initial - reserved - paid
-_BUCKET_COUNTS = ("orders_created", "initial_stock", "reserved", "paid")
+# what each bucket's counters say: orders created, and what it has left (buckets.left_of)
+_BUCKET_COUNTS = ("orders_created", *buckets.LEFT_FIELDS)
 
 
 def _bucket_sums(replies: list[Any]) -> tuple[int, int]:
     """(orders created, stock left) over every bucket's counters (_BUCKET_COUNTS)."""
-    created = left = 0
-    for made, initial, reserved, paid in replies:
-        created += int(made or 0)
-        left += int(initial or 0) - int(reserved or 0) - int(paid or 0)
-    return created, left
+    created = sum(int(counts[0] or 0) for counts in replies)
+    return created, sum(buckets.left_of(counts[1:]) for counts in replies)
 
 
 @dataclass(slots=True)
