@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20, help="seconds after the start")
     parser.add_argument("--stock", type=int, default=200)
     parser.add_argument("--per-user-limit", type=int, default=1)
+    parser.add_argument(
+        "--buckets",
+        type=int,
+        default=1,
+        help="split the stock over this many buckets (slots: a hot item on a Redis Cluster)",
+    )
     parser.add_argument("--price-cents", type=int, default=100)
     parser.add_argument("--payment-timeout", type=int, default=5, help="seconds to pay")
     parser.add_argument("--gateway", help="URL of a running gateway (default: start seckill up)")
@@ -204,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 "stock": args.stock,
                 "price_cents": args.price_cents,
                 "per_user_limit": args.per_user_limit,
+                **({"buckets": args.buckets} if args.buckets > 1 else {}),
                 "payment_timeout_s": args.payment_timeout,
                 "requires_address": True,  # it ships: bots need an address as much as shoppers
                 **({"registration_opens_at": datetime.now(tz=UTC).isoformat()} if register else {}),

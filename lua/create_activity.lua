@@ -9,8 +9,10 @@
 --       requires_address ("1"/"0"), version (digest of the definition), opens_at_ms (the
 --       earliest start, a tier's early access included), a lottery's seed and its commitment
 --       ("" "" none), k, then k (name, value) pairs of optional meta fields (a fair sale's
---       registration_opens_at_ms, admission, claim_window_s), then SKU id, stock pairs (the
---       single form: its one SKU). ARGV[10..] may be absent (a definition from before SKUs).
+--       registration_opens_at_ms, admission, claim_window_s; a bucketed activity's buckets,
+--       and bucket_stock: this bucket's share of the stock, on sale here instead of ARGV[5]),
+--       then SKU id, stock pairs (the single form: its one SKU; none for a bucketed activity,
+--       which sells on the total). ARGV[10..] may be absent (a definition from before SKUs).
 --       The first seed given stays: replacing the activity never changes a published
 --       commitment (registrations are kept too).
 --
@@ -35,9 +37,7 @@ redis.call('HSET', KEYS[1],
   'id', ARGV[1], 'sku_id', ARGV[2], 'title', ARGV[3], 'price_cents', ARGV[4],
   'stock', ARGV[5], 'per_user_limit', ARGV[6], 'starts_at_ms', ARGV[7],
   'ends_at_ms', ARGV[8], 'payment_timeout_s', ARGV[9])
-redis.call('SET', KEYS[2], ARGV[5])
-redis.call('HSET', KEYS[6], 'initial_stock', ARGV[5], 'orders_created', 0,
-  'reserved', 0, 'paid', 0, 'released', 0)
+local on_sale = ARGV[5]
 if KEYS[7] and ARGV[10] then
   redis.call('HSET', KEYS[1], 'skus', ARGV[10], 'tiers', ARGV[11],
     'requires_address', ARGV[12], 'version', ARGV[13], 'opens_at_ms', ARGV[14])
@@ -45,6 +45,9 @@ if KEYS[7] and ARGV[10] then
   local extra = tonumber(ARGV[17])
   for i = 18, 17 + 2 * extra, 2 do
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    if ARGV[i] == 'bucket_stock' then
+      on_sale = ARGV[i + 1]
+    end
   end
   if KEYS[8] and ARGV[15] ~= '' and redis.call('HEXISTS', KEYS[8], 'seed') == 0 then
     redis.call('HSET', KEYS[8], 'seed', ARGV[15], 'commitment', ARGV[16])
@@ -57,6 +60,9 @@ if KEYS[7] and ARGV[10] then
       'released:' .. ARGV[i], 0)
   end
 end
+redis.call('SET', KEYS[2], on_sale)
+redis.call('HSET', KEYS[6], 'initial_stock', on_sale, 'orders_created', 0,
+  'reserved', 0, 'paid', 0, 'released', 0)
 if existing_start then
   return {'replaced'}
 end

@@ -32,6 +32,7 @@ _OPTIONAL = (
     "registration_opens_at",
     "admission",
     "claim_window_s",
+    "buckets",
 )
 _SKU_FIELDS = ("sku_id", "title", "price_cents", "stock")
 _TIER_FIELDS = ("starts_at", "per_user_limit", "price_cents")
@@ -39,6 +40,8 @@ _TIER_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 MAX_SKUS = 100
 ADMISSIONS = ("fcfs", "lottery")
 DEFAULT_CLAIM_WINDOW_S = 60
+# a hot item's stock split over at most this many buckets (key spaces in as many slots)
+MAX_BUCKETS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +101,14 @@ class Activity:
     registration_opens_at_ms: int | None = None
     admission: str = "fcfs"
     claim_window_s: int | None = None
+    # > 1: the stock is split over this many buckets, each in a slot of its own (buckets.py)
+    buckets: int = 1
     _version: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # computed once: every order passes it to the reserve script
         # the fair fields enter only when set: an fcfs activity keeps the digest it had before
-        text = json.dumps([*self._definition(), *self._fair()], separators=(",", ":"))
+        text = json.dumps([*self._definition(), *self._extra()], separators=(",", ":"))
         object.__setattr__(self, "_version", hashlib.sha256(text.encode()).hexdigest()[:16])
 
     @classmethod
@@ -139,6 +144,7 @@ class Activity:
             raise InvalidRequest("requires_address must be true or false")
         tiers = _tiers(body.get("tiers", {}), ends_at_ms)
         opens, admission, claim_window_s = _fair(body, starts_at_ms, tiers)
+        buckets = _buckets(body, single_stock, skus, opens)
         return cls(
             id=activity_id,
             sku_id=single.sku_id,
@@ -155,6 +161,7 @@ class Activity:
             registration_opens_at_ms=opens,
             admission=admission,
             claim_window_s=claim_window_s,
+            buckets=buckets,
         )
 
     @classmethod
@@ -184,6 +191,7 @@ class Activity:
             registration_opens_at_ms=_optional_int(meta.get(b"registration_opens_at_ms")),
             admission=(meta.get(b"admission") or b"fcfs").decode(),
             claim_window_s=_optional_int(meta.get(b"claim_window_s")),
+            buckets=int(meta.get(b"buckets") or 1),
         )
 
     def all_skus(self) -> tuple[Sku, ...]:
@@ -234,12 +242,22 @@ class Activity:
         """True when registrants are admitted in a drawn order, in turns."""
         return self.admission == "lottery"
 
-    def script_args(self, seed: str = "", commitment: str = "") -> list[str | int]:
-        """ARGV of create_activity.lua (``seed``: a lottery's, kept only if none is stored)."""
+    def bucket_stock(self, index: int) -> int:
+        """Bucket ``index``'s share of the stock at the start: as even as it gets."""
+        share, rest = divmod(self.stock, self.buckets)
+        return share + (1 if index < rest else 0)
+
+    def script_args(self, seed: str = "", commitment: str = "", bucket: int = 0) -> list[str | int]:
+        """ARGV of create_activity.lua (``seed``: a lottery's, kept only if none is stored;
+        ``bucket``: which bucket's key space of a bucketed activity)."""
         stocks: list[str | int] = []
-        for sku in self.all_skus():
-            stocks += [sku.sku_id, sku.stock]
-        fair = self._fair()
+        fair = self._extra()
+        if self.buckets > 1:
+            # one counter per bucket, no SKU counter: a bucketed activity sells on the total
+            fair += ["bucket", bucket, "bucket_stock", self.bucket_stock(bucket)]
+        else:
+            for sku in self.all_skus():
+                stocks += [sku.sku_id, sku.stock]
         return [
             *self._definition(),
             self.version,
@@ -250,6 +268,14 @@ class Activity:
             *fair,
             *stocks,
         ]
+
+    def _extra(self) -> list[str | int]:
+        """The optional meta fields as (name, value) pairs: a fair sale's, the bucket count.
+
+        They enter the version only when set: an activity without them keeps its digest.
+        """
+        buckets: list[str | int] = ["buckets", self.buckets] if self.buckets > 1 else []
+        return self._fair() + buckets
 
     def _fair(self) -> list[str | int]:
         """The fair sale's meta fields as (name, value) pairs; empty for a plain sale."""
@@ -349,12 +375,15 @@ class Activity:
         sku_left: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
         """Body of the admin create answer: the definition plus the live state."""
-        return {
+        body = {
             **self.public(now_ms, stock_left, paused, sku_left),
             "stock": self.stock,
             "per_user_limit": self.per_user_limit,
             "payment_timeout_s": self.payment_timeout_s,
         }
+        if self.buckets > 1:
+            body["buckets"] = self.buckets
+        return body
 
 
 def _text(body: dict[str, Any], name: str, longest: int) -> str:
@@ -460,3 +489,21 @@ def _fair(
         else DEFAULT_CLAIM_WINDOW_S
     )
     return opens, admission, claim_window_s
+
+
+def _buckets(body: dict[str, Any], stock: int, skus: tuple[Sku, ...], opens: int | None) -> int:
+    """The bucket count of an admin body (1: the stock in one key space, as without it)."""
+    if "buckets" not in body:
+        return 1
+    buckets = _int(body, "buckets", 1, MAX_BUCKETS)
+    if buckets == 1:
+        return 1
+    if buckets > stock:
+        raise InvalidRequest("buckets must be at most stock: every bucket starts with a unit")
+    if skus:
+        # each SKU's counter would have to move between buckets too; one SKU is the hot case
+        raise InvalidRequest("buckets apply to a single-SKU activity (sku_id/stock), not skus")
+    if opens is not None:
+        # turns admit users against one stock counter in one step; split, they could not
+        raise InvalidRequest("buckets cannot be combined with registration_opens_at")
+    return buckets

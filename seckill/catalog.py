@@ -6,6 +6,10 @@ carries a snapshot of the activity's holders, valid only for the ``orders_create
 was taken at. Marks and snapshots are kept fresh by pub/sub events (sold out, restock, activity
 changed) and by a periodic re-read, so a lost message or a returned item is corrected within
 ``refresh_interval_s``.
+
+A bucketed activity (seckill/buckets.py) is read from all its buckets: stock left is their sum
+(units in transit between buckets included), the holders their union, each bucket's holders
+read atomically with its own order count.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from seckill import keys
+from seckill import buckets, keys
 from seckill.activities import Activity
 from seckill.connections import Client
 from seckill.errors import RedisUnavailable
@@ -29,6 +33,14 @@ from seckill.scripts import CONNECTION_ERRORS, Scripts
 log = logging.getLogger(__name__)
 
 _MAX_NEGATIVE = 10_000
+# what each bucket's counters say: orders created, and what it has left (buckets.left_of)
+_BUCKET_COUNTS = ("orders_created", *buckets.LEFT_FIELDS)
+
+
+def _bucket_sums(replies: list[Any]) -> tuple[int, int]:
+    """(orders created, stock left) over every bucket's counters (_BUCKET_COUNTS)."""
+    created = sum(int(counts[0] or 0) for counts in replies)
+    return created, sum(buckets.left_of(counts[1:]) for counts in replies)
 
 
 @dataclass(slots=True)
@@ -81,6 +93,7 @@ class Catalog:
         self._missing: dict[str, float] = {}
         self._loading: dict[str, asyncio.Future[Entry | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._settling: set[str] = set()  # bucketed activities whose sum is being re-read
         self._closed = False
         # every activity id that exists (sk:activities), refreshed with the catalog; None until
         # first read. An id outside it is unknown without a Redis call (storms of random ids).
@@ -147,6 +160,8 @@ class Catalog:
             self._known.add(activity_id)
         entry = Entry(Activity.from_meta(meta), int(stock or 0), int(created or 0))
         entry.sku_left = {k.decode(): int(v) for k, v in skus.items()}
+        if entry.activity.buckets > 1:
+            await self._read_buckets(entry)
         previous = self._entries.get(activity_id)
         if previous is not None and previous.activity == entry.activity:
             entry.holders, entry.holders_version = previous.holders, previous.holders_version
@@ -158,9 +173,23 @@ class Catalog:
         self._entries[activity_id] = entry
         return entry
 
+    async def _read_buckets(self, entry: Entry) -> None:
+        activity = entry.activity
+        pipe = self._client.pipeline(transaction=False)
+        for space in buckets.spaces(activity.id, activity.buckets):
+            pipe.hmget(keys.counters(space), *_BUCKET_COUNTS)
+        try:
+            replies = await pipe.execute()
+        except CONNECTION_ERRORS as exc:
+            raise RedisUnavailable() from exc
+        entry.orders_created, entry.stock_left = _bucket_sums(replies)
+
     async def _snapshot_holders(self, activity_id: str, entry: Entry) -> None:
+        if entry.activity.buckets > 1:
+            await self._snapshot_bucket_holders(entry)
+            return
         # one script so the holders and the count they belong to are read at the same instant
-        stock, created, holders, skus = await self._scripts.holders_snapshot(
+        stock, created, holders, skus, _ = await self._scripts.holders_snapshot(
             self._client, keys.holders_snapshot_keys(activity_id), []
         )
         entry.stock_left = int(stock)
@@ -169,13 +198,31 @@ class Catalog:
         entry.holders = frozenset(h.decode() for h in holders)
         entry.holders_version = entry.orders_created
 
+    async def _snapshot_bucket_holders(self, entry: Entry) -> None:
+        # one read-only script per bucket (one slot each): its holders and counts at one instant
+        async def read(space: str) -> tuple[Any, Any]:
+            _, _, holders, _, counts = await self._scripts.holders_snapshot(
+                self._client, keys.holders_snapshot_keys(space), _BUCKET_COUNTS
+            )
+            return counts, holders
+
+        activity = entry.activity
+        readings = await asyncio.gather(
+            *(read(s) for s in buckets.spaces(activity.id, activity.buckets))
+        )
+        entry.orders_created, entry.stock_left = _bucket_sums([c for c, _ in readings])
+        entry.holders = frozenset(h.decode() for _, users in readings for h in users)
+        entry.holders_version = entry.orders_created
+
     async def _read_backlog(self, activity_id: str, entry: Entry) -> None:
+        total = 0
         try:
-            waiting = await backlog(self._client, keys.stream(activity_id))
+            for space in buckets.spaces(activity_id, entry.activity.buckets):
+                total += (await backlog(self._client, keys.stream(space))).total
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
-        entry.backlog = waiting.total
-        entry.over_ceiling = waiting.total > self._backlog_ceiling
+        entry.backlog = total
+        entry.over_ceiling = total > self._backlog_ceiling
 
     def note_reserved(
         self, activity_id: str, stock_left: int, sku_id: str = "", sku_left: int | None = None
@@ -183,6 +230,12 @@ class Catalog:
         """A reservation here left ``stock_left`` (and ``sku_left`` of its SKU): at 0, tell all."""
         entry = self._entries.get(activity_id)
         if entry is None:
+            return
+        if entry.activity.buckets > 1:
+            # ``stock_left`` is the buyer's bucket's: only the sum says sold out
+            entry.orders_created += 1
+            if stock_left <= 0:
+                self._settle(activity_id)
             return
         entry.stock_left = stock_left
         if sku_id and sku_left is not None and sku_id in entry.sku_left:
@@ -192,10 +245,33 @@ class Catalog:
             self._spawn(self._announce_sold_out(activity_id))
 
     def note_sold_out(self, activity_id: str) -> None:
-        """Redis said sold_out but this process had no usable mark: re-read soon."""
+        """Redis said sold_out but this process had no usable mark: re-read soon.
+
+        For a bucketed activity that answer came from all buckets together (fewer units than
+        asked for): re-read their sum, and at 0 tell every process.
+        """
         entry = self._entries.get(activity_id)
-        if entry is not None and entry.holders is None:
+        if entry is not None and entry.activity.buckets > 1:
+            if entry.stock_left > 0:
+                self._settle(activity_id)
+        elif entry is not None and entry.holders is None:
             self._spawn(self._reload_quietly(activity_id))
+
+    def _settle(self, activity_id: str) -> None:
+        """Re-read a bucketed activity's sum, once at a time; at 0, tell every process."""
+        if activity_id not in self._settling:
+            self._settling.add(activity_id)
+            self._spawn(self._settle_buckets(activity_id))
+
+    async def _settle_buckets(self, activity_id: str) -> None:
+        try:
+            await self._reload_quietly(activity_id)
+            entry = self._entries.get(activity_id)
+            if entry is not None and entry.stock_left <= 0:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    await self._client.publish(keys.EVENTS_CHANNEL, f"soldout:{activity_id}")
+        finally:
+            self._settling.discard(activity_id)
 
     async def _announce_sold_out(self, activity_id: str) -> None:
         with contextlib.suppress(*CONNECTION_ERRORS):

@@ -472,24 +472,30 @@ def cmd_deadletters(settings: Settings, args: argparse.Namespace) -> int:
     them to the stream they came from (as new entries, written again by the writers)."""
     import json
 
-    from seckill import keys
+    from seckill import buckets, keys
     from seckill.orders import deadletters
 
     async def command(client: Client) -> int:
+        spaces = await buckets.spaces_of(client, args.activity_id)  # a bucketed one's buckets
         if args.action == "list":
             # JSON lines: one dead letter each (id, origin, reason, attempts, summary)
-            cursor = "-"
-            while True:
-                page: Any = await client.xrange(
-                    keys.dead_letters(args.activity_id), min=cursor, max="+", count=500
-                )
-                for dead_id, fields in page:
-                    entry = deadletters.describe(dead_id.decode(), dict(fields))
-                    print(json.dumps(entry, sort_keys=True))
-                if len(page) < 500:
-                    return 0
-                cursor = "(" + page[-1][0].decode()
-        replayed, refused = await deadletters.replay(client, args.activity_id)
+            for space in spaces:
+                cursor = "-"
+                while True:
+                    page: Any = await client.xrange(
+                        keys.dead_letters(space), min=cursor, max="+", count=500
+                    )
+                    for dead_id, fields in page:
+                        entry = deadletters.describe(dead_id.decode(), dict(fields))
+                        print(json.dumps(entry, sort_keys=True))
+                    if len(page) < 500:
+                        break
+                    cursor = "(" + page[-1][0].decode()
+            return 0
+        replayed, refused = 0, list[str]()
+        for space in spaces:
+            done, failed = await deadletters.replay(client, space)
+            replayed, refused = replayed + done, refused + failed
         print(json.dumps({"activity_id": args.activity_id, "replayed": replayed}))
         for line in refused:
             print(f"seckill: not replayed: {line}", file=sys.stderr)
@@ -505,24 +511,25 @@ def cmd_refunds(settings: Settings, args: argparse.Namespace) -> int:
     refund)."""
     import json
 
-    from seckill import keys
+    from seckill import buckets
     from seckill.payments.ledger import Ledger
     from seckill.scripts import Scripts
 
     async def command(client: Client) -> int:
         ledger = Ledger(client, Scripts.from_dir())
+        # the key spaces holding refunds: the activity's and, when bucketed, its buckets'
+        if args.activity_id is None:
+            spaces = await buckets.key_spaces(client)
+        else:
+            spaces = await buckets.spaces_of(client, args.activity_id)
+        records = [record for space in spaces for record in await ledger.refunds(space)]
         if args.action == "list":
-            activities = [args.activity_id]
-            if args.activity_id is None:
-                members: Any = await client.smembers(keys.ACTIVITIES)
-                activities = sorted(m.decode() for m in members)
-            for activity_id in activities:
-                for record in await ledger.refunds(activity_id):
-                    print(json.dumps(record.public(), sort_keys=True, ensure_ascii=False))
+            for record in records:
+                print(json.dumps(record.public(), sort_keys=True, ensure_ascii=False))
             return 0
         now_ms = int(1000 * (await client.time())[0])
         retried = 0
-        for record in await ledger.refunds(args.activity_id):
+        for record in records:
             if args.order and record.order_id != args.order:
                 continue
             if record.status == "refunded":

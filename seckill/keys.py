@@ -12,17 +12,31 @@ from typing import Final
 
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 IDEMPOTENCY_KEY_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# An order id names its activity, so any process can find the order's keys (and its hash
-# slot) from the id alone; the random part makes ids unguessable.
-ORDER_ID_PATTERN: Final = re.compile(r"([A-Za-z0-9_-]{1,64})\.([0-9a-f]{20})")
+# An order id names its activity and, for a bucketed activity's buckets 1.., the bucket, so
+# any process can find the order's keys (and its hash slot) from the id alone; the random part
+# makes ids unguessable. "." is in no activity id, and a URL path carries it as it is.
+ORDER_ID_PATTERN: Final = re.compile(r"([A-Za-z0-9_-]{1,64})(?:\.([0-9]{1,2}))?\.([0-9a-f]{20})")
 
 PREFIX: Final = "sk"
 ACTIVITIES: Final = f"{PREFIX}:activities"
+# the key spaces of buckets 1.. of bucketed activities ("<id>.<k>"; bucket 0 is the activity's
+# own): the background loops walk them beside the activities, whose keys they mirror
+BUCKETS: Final = f"{PREFIX}:buckets"
 EVENTS_CHANNEL: Final = f"{PREFIX}:events"
 
 
 def _tag(activity_id: str) -> str:
     return f"{PREFIX}:{{a:{activity_id}}}"
+
+
+def bucket(activity_id: str, index: int) -> str:
+    """The key space of one bucket of an activity's stock: bucket 0 is the activity's own.
+
+    Every function here that takes an activity id takes a bucket's key space as well: bucket
+    k >= 1 has a hash tag of its own (``{a:<id>.<k>}``), so on Redis Cluster the buckets of
+    one hot item spread over the slots, each holding the keys a purchase touches.
+    """
+    return activity_id if index == 0 else f"{activity_id}.{index}"
 
 
 def meta(activity_id: str) -> str:
@@ -234,15 +248,44 @@ def activity_keys(activity_id: str) -> list[str]:
     ]
 
 
-def new_order_id(activity_id: str) -> str:
-    """A fresh, unguessable order id that names its activity."""
-    return f"{activity_id}.{secrets.token_hex(10)}"
+def new_order_id(space: str) -> str:
+    """A fresh, unguessable order id that names its activity (and bucket: see ``bucket``)."""
+    return f"{space}.{secrets.token_hex(10)}"
 
 
 def activity_of_order(order_id: str) -> str | None:
     """The activity id an order id names, or None for a malformed id."""
     match = ORDER_ID_PATTERN.fullmatch(order_id)
     return match.group(1) if match else None
+
+
+def space_of_order(order_id: str) -> str | None:
+    """The key space holding the order (its activity's, or its bucket's), or None."""
+    match = ORDER_ID_PATTERN.fullmatch(order_id)
+    if match is None:
+        return None
+    return bucket(match.group(1), int(match.group(2) or 0))
+
+
+def moves(space: str) -> str:
+    """Hash transfer id -> "<to bucket> <quantity> <at ms>": stock a bucket gave away, in
+    transit until the receiving bucket has it (transfer_out.lua, transfer_in.lua)."""
+    return f"{_tag(space)}:moves"
+
+
+def arrivals(space: str) -> str:
+    """Sorted set transfer id -> when (ms) a bucket took it in: applied once, never twice."""
+    return f"{_tag(space)}:arrivals"
+
+
+def transfer_out_keys(space: str) -> list[str]:
+    """KEYS of transfer_out.lua, in its order."""
+    return [stock(space), counters(space), moves(space)]
+
+
+def transfer_in_keys(space: str) -> list[str]:
+    """KEYS of transfer_in.lua, in its order."""
+    return [stock(space), counters(space), arrivals(space)]
 
 
 def heartbeat(loop: str) -> str:

@@ -6,14 +6,19 @@ sold-out fast path → velocity counts → one atomic script that answers idempo
 registration and turn, risk rules, rate limits, window, per-user limit and stock, in that
 order. Knows no HTTP: the handler turns the
 Decision into a response.
+
+A bucketed activity (seckill/buckets.py) runs the script in the buyer's home bucket; when that
+bucket cannot serve the order, units are moved to it from the others and the order is tried
+again there, so sold out is answered only once all buckets together have nothing left.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from seckill import clock, skus
+from seckill import buckets, clock, skus
 from seckill.breakers import BreakerOpen
 from seckill.errors import (
     Degraded,
@@ -33,13 +38,18 @@ from seckill.errors import (
 )
 from seckill.limits import retry_after_s
 from seckill.skus import OrderRequest
-from seckill.stock import Outcome, Reservation
+from seckill.stock import NO_LIMITS, Outcome, Reservation
 
 if TYPE_CHECKING:
+    from seckill.activities import Activity
+    from seckill.buckets import Buckets
     from seckill.catalog import Entry
     from seckill.web.state import Services
 
 _REDIS_DOWN = Overloaded("stock service unavailable, retry later", retry_after=2)
+# stock still in transit between buckets after this many moves: the buyer retries shortly
+_MOVE_ROUNDS = 8
+_MOVING = Overloaded("the stock is moving between buckets, retry", retry_after=1)
 _SOLD_OUT = SoldOut()
 _ENDED = Ended()
 _RISK_REFUSED = RiskRefused()
@@ -136,25 +146,41 @@ async def decide(
         wait = services.limits.admit(activity_id, rule, factor)
         if wait:
             gate = "rate_limited"
+    count = activity.buckets
+    # the user's bucket holds everything of theirs: one slot, an exact per-user limit
+    space = activity_id if count == 1 else buckets.home(activity_id, count, user_id)
     risk_parts = (
-        risk.script_keys(activity_id, screening, velocity=count_in_script),
+        risk.script_keys(space, screening, velocity=count_in_script),
         risk.script_args(activity_id, screening, velocity=count_in_script),
     )
-    try:
-        reservation = await services.redis_breaker.call(
-            lambda: services.stock.reserve(
-                activity_id,
-                user_id,
-                idempotency_key,
-                order.quantity,
-                gate,
-                rule.redis_limits(factor),
-                remote or "",
-                terms,
-                risk_parts,
-                fair=activity.registration,
-            )
+
+    def attempt(again: bool = False) -> Awaitable[Reservation]:
+        # tried again after a move: the attempt's tokens and velocity were counted already
+        limits = NO_LIMITS if again else rule.redis_limits(factor).per_bucket(count)
+        parts = risk_parts
+        if again and count_in_script:
+            parts = (risk.script_keys(space, screening), risk.script_args(activity_id, screening))
+        return services.stock.reserve(
+            space,
+            user_id,
+            idempotency_key,
+            order.quantity,
+            gate,
+            limits,
+            remote or "",
+            terms,
+            parts,
+            fair=activity.registration,
         )
+
+    try:
+        reservation = await services.redis_breaker.call(attempt)
+        if reservation.outcome is Outcome.SOLD_OUT and count > 1:
+            reservation = await services.redis_breaker.call(
+                lambda: from_other_buckets(
+                    services.stock.buckets, activity, space, order.quantity, attempt
+                )
+            )
     except BreakerOpen:
         # fail closed: never sell without Redis; retry once the breaker has probed again
         return Decision(error=_REDIS_DOWN)
@@ -192,3 +218,28 @@ async def decide(
     if error is None:
         raise Overloaded(f"refused: {reservation.gate}")
     return Decision(error=error)
+
+
+async def from_other_buckets(
+    moving: Buckets,
+    activity: Activity,
+    space: str,
+    quantity: int,
+    attempt: Callable[[bool], Awaitable[Reservation]],
+) -> Reservation:
+    """The home bucket ``space`` said sold_out: move units to it from the others, try again.
+
+    ``attempt(True)`` runs the purchase script in the home bucket once more. Sold out stands
+    only once the buckets together hold fewer than ``quantity`` (what one Redis would have
+    answered: in the storm after a sell-out that is one pipelined read); a home bucket that
+    others keep emptying is refilled again.
+    """
+    for _ in range(_MOVE_ROUNDS):
+        survey = await moving.survey(activity.id, activity.buckets)
+        if survey.left < quantity:
+            return Reservation(Outcome.SOLD_OUT)
+        await moving.refill(survey, space, quantity)
+        reservation = await attempt(True)
+        if reservation.outcome is not Outcome.SOLD_OUT:
+            return reservation
+    raise _MOVING

@@ -18,6 +18,13 @@ Ended orders leave Redis once the store holds them (the Retirer), so per-order c
 the records Redis still holds plus the stored orders that left it before A; past DEEP_LIMIT
 records in Redis they are skipped (``orders_checked`` false) so a report never blocks Redis.
 Statuses are compared only when every change was delivered and none moved during the reading.
+
+A bucketed activity (seckill/buckets.py) is read bucket by bucket, each bucket in one atomic
+step, and the readings added up: a bucket's books balance on their own (initial + moved_in -
+moved_out == stock + reserved + paid), so the sum holds whenever units move between buckets,
+and ``available`` counts the units in transit. Orders are checked against their own bucket's
+instant. One limit: a count-only reading (no order records) takes the latest bucket's last
+delivery for "created after the writers' last delivery".
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from seckill import keys, skus
+from seckill import buckets, keys, skus
 from seckill.activities import Activity
 from seckill.connections import Client
 from seckill.orders.record import OrderRecord
@@ -79,6 +86,23 @@ class StreamState:
     last_delivered_id: str
     pending_entries: list[tuple[str, str]] = field(default_factory=list)  # (entry id, order id)
     truncated: bool = False
+    parts: list[StreamState] = field(default_factory=list)  # a bucketed activity's streams
+
+    @classmethod
+    def merge(cls, parts: list[StreamState]) -> StreamState:
+        """The backlog of several buckets' streams, as one."""
+        countable = all(p.undelivered >= 0 for p in parts)
+        return cls(
+            position="|".join(p.position for p in parts),
+            pending=sum(p.pending for p in parts),
+            undelivered=sum(p.undelivered for p in parts) if countable else -1,
+            lower_bound=sum(p.lower_bound for p in parts),
+            max_deleted_id="",
+            last_delivered_id="",
+            pending_entries=[e for p in parts for e in p.pending_entries],
+            truncated=any(p.truncated for p in parts),
+            parts=parts,
+        )
 
     @classmethod
     def parse(cls, raw: Any) -> StreamState:
@@ -99,12 +123,16 @@ class StreamState:
 
     def deleted_unread(self) -> bool:
         """An entry was deleted after the writers' last delivery: it can never be written."""
+        if self.parts:
+            return any(p.deleted_unread() for p in self.parts)
         if not self.position:  # no group: the stream's length already leaves it out
             return False
         return _entry_id(self.max_deleted_id) > _entry_id(self.last_delivered_id)
 
     def delivered_ms(self) -> int:
         """Orders created after this millisecond (Redis time) had not been delivered."""
+        if self.parts:  # only a count-only reading asks this of several buckets (see above)
+            return max(p.delivered_ms() for p in self.parts)
         ms = _entry_id(self.last_delivered_id)[0]
         # no group: every entry in the stream is undelivered, from the first one on
         return ms if self.position else max(ms - 1, 0)
@@ -124,6 +152,48 @@ class Snapshot:
     sku_stock: dict[bytes, bytes] = field(default_factory=dict)  # SKU id -> quantity on sale
     # False: a shallow reading (the console's): counts only, whatever the records number
     deep_allowed: bool = True
+    # a bucketed activity's readings by key space (empty: one key space, this reading)
+    parts: dict[str, Snapshot] = field(default_factory=dict)
+
+    @classmethod
+    def merge(cls, parts: dict[str, Snapshot]) -> Snapshot:
+        """The readings of every bucket, added up; ``available`` with units in transit."""
+        counters: Counter[str] = Counter()
+        holders: Counter[str] = Counter()
+        records: dict[str, OrderRecord] = {}
+        for part in parts.values():
+            counters.update(part.counters)
+            holders.update(part.holders)
+            records.update(part.records)
+        readings = list(parts.values())
+        return cls(
+            now_ms=max(p.now_ms for p in readings),
+            counters=dict(counters),
+            available=sum(p.available for p in readings)
+            + counters["moved_out"]
+            - counters["moved_in"],
+            holders=dict(holders),
+            records=records,
+            created=StreamState.merge([p.created for p in readings]),
+            changes=StreamState.merge([p.changes for p in readings]),
+            dead_letters=sum(p.dead_letters for p in readings),
+            record_count=sum(p.record_count for p in readings),
+            deep_allowed=all(p.deep_allowed for p in readings),
+            parts=parts,
+        )
+
+    def _part(self, order_id: str) -> Snapshot:
+        if not self.parts:
+            return self
+        return self.parts.get(keys.space_of_order(order_id) or "", self)
+
+    def taken_ms(self, order_id: str) -> int:
+        """The Redis time of the reading that holds the order's bucket."""
+        return self._part(order_id).now_ms
+
+    def delivered_ms_of(self, order_id: str) -> int:
+        """Orders of this one's bucket created after this ms had not been delivered."""
+        return self._part(order_id).created.delivered_ms()
 
     @property
     def deep(self) -> bool:
@@ -158,22 +228,29 @@ class Snapshot:
         )
 
 
-async def _snapshot(client: Client, activity_id: str, deep_limit: int) -> Snapshot:
-    raw = await _scripts().report_snapshot(
-        client,
-        keys.report_keys(activity_id),
-        [GROUP, PENDING_CAP, TAIL_CAP, "full", max(deep_limit, -1)],
-    )
-    snap = Snapshot.parse(raw)
-    snap.deep_allowed = deep_limit >= 0
-    return snap
+async def _snapshot(client: Client, activity: Activity, deep_limit: int) -> Snapshot:
+    parts = {}
+    for space in buckets.spaces(activity.id, activity.buckets):
+        raw = await _scripts().report_snapshot(
+            client,
+            keys.report_keys(space),
+            [GROUP, PENDING_CAP, TAIL_CAP, "full", max(deep_limit // activity.buckets, -1)],
+        )
+        snap = Snapshot.parse(raw)
+        snap.deep_allowed = deep_limit >= 0
+        parts[space] = snap
+    return Snapshot.merge(parts) if activity.buckets > 1 else parts[activity.id]
 
 
-async def _positions(client: Client, activity_id: str) -> tuple[str, str]:
-    raw = await _scripts().report_snapshot(
-        client, keys.report_keys(activity_id), [GROUP, PENDING_CAP, TAIL_CAP, "positions", 0]
-    )
-    return _text(raw[0]), _text(raw[1])
+async def _positions(client: Client, activity: Activity) -> tuple[str, str]:
+    orders, changes = [], []
+    for space in buckets.spaces(activity.id, activity.buckets):
+        raw = await _scripts().report_snapshot(
+            client, keys.report_keys(space), [GROUP, PENDING_CAP, TAIL_CAP, "positions", 0]
+        )
+        orders.append(_text(raw[0]))
+        changes.append(_text(raw[1]))
+    return "|".join(orders), "|".join(changes)
 
 
 async def _alive(client: Client) -> tuple[bool, bool]:
@@ -197,6 +274,16 @@ class StoreReading:
 
 
 async def _same_ms_undelivered(client: Client, activity_id: str, snap: Snapshot) -> set[str]:
+    """The ids of ``_space_same_ms_undelivered`` over every bucket of the activity."""
+    if not snap.parts:
+        return await _space_same_ms_undelivered(client, activity_id, snap)
+    found: set[str] = set()
+    for space, part in snap.parts.items():
+        found |= await _space_same_ms_undelivered(client, space, part)
+    return found
+
+
+async def _space_same_ms_undelivered(client: Client, activity_id: str, snap: Snapshot) -> set[str]:
     """Order ids of entries created in the last delivered entry's millisecond but not delivered.
 
     Creation time and entry id share Redis's clock, so "created after the last delivered
@@ -235,9 +322,13 @@ async def _read_store(
     # orders Redis holds, plus those that left it before the snapshot (an order leaves Redis
     # only once stored); one created after the snapshot is not counted
     counted = {
-        oid: r for oid, r in rows.items() if oid in snap.records or r.created_at_ms < snap.now_ms
+        oid: r
+        for oid, r in rows.items()
+        if oid in snap.records or r.created_at_ms < snap.taken_ms(oid)
     }
-    undelivered_stored = sum(1 for r in counted.values() if r.created_at_ms > delivered_ms)
+    undelivered_stored = sum(
+        1 for oid, r in counted.items() if r.created_at_ms > snap.delivered_ms_of(oid)
+    )
     return StoreReading(len(counted), len(pending_ids & counted.keys()) + undelivered_stored, rows)
 
 
@@ -256,10 +347,10 @@ async def build(
     stable = changes_stable = False
     fallback: tuple[Snapshot, StoreReading] | None = None
     for attempt in range(ATTEMPTS):
-        snap = await _snapshot(client, activity_id, deep_limit)
+        snap = await _snapshot(client, activity, deep_limit)
         same_ms = await _same_ms_undelivered(client, activity_id, snap) if snap.deep else set()
         reading = await _read_store(store, activity_id, snap, same_ms)
-        orders_at, changes_at = await _positions(client, activity_id)
+        orders_at, changes_at = await _positions(client, activity)
         # with every stored order read (deep), the counts are exact whatever the writers read
         # meanwhile; a count alone needs them to have stood still
         counts_hold = snap.deep or orders_at == snap.created.position
@@ -279,17 +370,19 @@ async def build(
     body = _compare(
         activity_id, activity, snap, reading, stable, changes_stable, writer_alive, sweeper_alive
     )
-    refunds = await _refunds(client, activity_id)
+    refunds = await _refunds(client, buckets.spaces(activity_id, activity.buckets))
     if refunds is not None:
         body["refunds"] = refunds
     return body
 
 
-async def _refunds(client: Client, activity_id: str) -> dict[str, int] | None:
+async def _refunds(client: Client, spaces: list[str]) -> dict[str, int] | None:
     """Refunds of refund_required payments by state, and the money they carry (few: late
     payments); None while the activity has none. Money still owed (pending, processing,
     attention) is owed, not inconsistent."""
-    values: Any = await client.hvals(keys.refunds(activity_id))
+    values: list[Any] = []
+    for space in spaces:  # the activity's, and its buckets'
+        values += await client.hvals(keys.refunds(space))
     if not values:
         return None
     counts = dict.fromkeys(("pending", "processing", "refunded", "attention"), 0)
@@ -381,8 +474,20 @@ def _compare(
         "sweeper_alive": sweeper_alive,
         "orders_checked": reading.rows is not None,
         **({"skus": sku_figures} if activity.skus else {}),
+        **_bucket_figures(activity, counters),
         "consistent": not problems,
         "problems": problems,
+    }
+
+
+def _bucket_figures(activity: Activity, counters: dict[str, int]) -> dict[str, int]:
+    """A bucketed activity's bucket count and units in transit between its buckets (counted
+    in ``available``); nothing for one that is not."""
+    if activity.buckets == 1:
+        return {}
+    return {
+        "buckets": activity.buckets,
+        "in_transit": counters.get("moved_out", 0) - counters.get("moved_in", 0),
     }
 
 
@@ -397,7 +502,9 @@ def _order_checks(
     created = counters.get("orders_created", 0)
     problems: list[str] = []
     retired = {
-        oid: r for oid, r in stored.items() if oid not in records and r.created_at_ms < snap.now_ms
+        oid: r
+        for oid, r in stored.items()
+        if oid not in records and r.created_at_ms < snap.taken_ms(oid)
     }
     known = {**retired, **records}
     live_by_user: Counter[str] = Counter()

@@ -80,6 +80,8 @@ class Scripts:
     install_draw: Script
     queue_position: Script
     holders_snapshot: Script
+    transfer_out: Script
+    transfer_in: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:

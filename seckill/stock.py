@@ -8,12 +8,12 @@ import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as redis_errors
 
-from seckill import keys, lottery
+from seckill import buckets, keys, lottery
 from seckill.activities import Activity
 from seckill.connections import Client
 from seckill.errors import Conflict, Overloaded, RedisUnavailable
@@ -67,6 +67,17 @@ class Limits:
     admission_rate: float = 0.0
     admission_burst: float = 0.0
     shadow: bool = False
+
+    def per_bucket(self, count: int) -> Limits:
+        """The limits one of ``count`` buckets enforces: each has an admission bucket of its
+        own (one key would pin one slot again), so each admits its share of the rate."""
+        if count == 1 or not self.admission_rate:
+            return self
+        return replace(
+            self,
+            admission_rate=self.admission_rate / count,
+            admission_burst=max(self.admission_burst / count, 1.0),
+        )
 
 
 NO_LIMITS = Limits()
@@ -182,6 +193,7 @@ class Stock:
         self._scripts = scripts
         self._coalescer = coalescer
         self._idempotency_ttl_s = idempotency_ttl_s
+        self.buckets = buckets.Buckets(client, scripts)
 
     async def reserve(
         self,
@@ -198,6 +210,7 @@ class Stock:
     ) -> Reservation:
         """Pre-lock ``quantity`` for the user and queue the order, or say why not.
 
+        ``activity_id``: the activity, or the user's bucket's key space (buckets.home).
         ``risk``: the risk rules' (KEYS, ARGV), appended at reserve_stock.lua's RISK_KEYS and
         RISK_ARGV. ``fair``: the activity takes registrations (its turn keys go first, at
         TURN_KEYS).
@@ -279,14 +292,15 @@ class Stock:
         An expiry of an order with a prepay answers PREPAID unless ``settled`` (the payment
         provider said nobody paid and nobody can any more).
         """
-        activity_id = keys.activity_of_order(order_id)
-        if activity_id is None:
+        space = keys.space_of_order(order_id)
+        if space is None:
             return Release.NOT_FOUND
+        activity_id = buckets.activity_of_space(space)
         with _refused_when_full():
             # coalesced: with durability "replicated" the answer waits for a replica too
             reply = await self._coalescer.call(
                 self._scripts.release_stock,
-                keys.release_keys(activity_id),
+                keys.release_keys(space),
                 [order_id, cause, owner, "settled" if settled else ""],
             )
         outcome = _RELEASES[reply[0]]
@@ -320,13 +334,13 @@ class Stock:
         event and stores its answer in the order's own slot. ``retired`` looks an order up in
         the store once it has left Redis (a late callback still gets its answer).
         """
-        activity_id = keys.activity_of_order(order_id)
-        if activity_id is None:
+        space = keys.space_of_order(order_id)
+        if space is None:
             return Payment.NOT_FOUND
         payload_hash = payload_hash or payment_hash(event_id, order_id, amount_cents, success)
         with _refused_when_full():
             return await self._pay(
-                activity_id,
+                space,
                 order_id,
                 event_id,
                 amount_cents,
@@ -339,7 +353,7 @@ class Stock:
 
     async def _pay(
         self,
-        activity_id: str,
+        space: str,
         order_id: str,
         event_id: str,
         amount_cents: int,
@@ -365,7 +379,7 @@ class Stock:
             "",  # and its unit price
             paid_at_ms or "",
         ]
-        script_keys = keys.payment_keys(activity_id, event_id, provider)
+        script_keys = keys.payment_keys(space, event_id, provider)
         reply = await self._coalescer.call(self._scripts.confirm_payment, script_keys, args)
         outcome = _PAYMENTS[reply[0]]
         if outcome is Payment.GONE:
@@ -414,6 +428,10 @@ class Stock:
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
 
+    async def spaces(self) -> list[str]:
+        """Every key space holding orders: the activities' and their buckets'."""
+        return await buckets.key_spaces(self._client)
+
     async def activity_ids(self) -> list[str]:
         """Every activity ever defined."""
         try:
@@ -428,18 +446,35 @@ class Stock:
         A lottery gets its seed here, committed at once; a replacement keeps the first seed.
         """
         seed = lottery.new_seed() if activity.lottery else ""
-        args = activity.script_args(seed, lottery.commitment(seed) if seed else "")
-        reply = await self._coalescer.call(
-            self._scripts.create_activity, keys.activity_keys(activity.id), args
-        )
-        if reply[0] == b"conflict":
-            raise Conflict(reply[1].decode())
         try:
+            before: Any = await self._client.hget(keys.meta(activity.id), "buckets")
+        except CONNECTION_ERRORS as exc:
+            raise RedisUnavailable() from exc
+        # bucket 0 first: its script refuses a replacement that came too late, before any
+        # other bucket is touched (none sells before the start, so none holds orders)
+        result = ""
+        for index, space in enumerate(buckets.spaces(activity.id, activity.buckets)):
+            args = activity.script_args(seed, lottery.commitment(seed) if seed else "", index)
+            # coalesced: with durability "replicated" the answer waits for a replica too
+            reply = await self._coalescer.call(
+                self._scripts.create_activity, keys.activity_keys(space), args
+            )
+            if reply[0] == b"conflict":
+                raise Conflict(reply[1].decode())
+            result = result or reply[0].decode()
+        try:
+            dropped = buckets.spaces(activity.id, int(before or 1))[activity.buckets :]
+            for space in dropped:  # a replacement with fewer buckets
+                await self._client.delete(*keys.activity_keys(space))
+                await self._client.srem(keys.BUCKETS, space)
             await self._client.sadd(keys.ACTIVITIES, activity.id)
+            if activity.buckets > 1:
+                await self._client.sadd(
+                    keys.BUCKETS, *buckets.spaces(activity.id, activity.buckets)[1:]
+                )
             await self._client.publish(keys.EVENTS_CHANNEL, f"activity:{activity.id}")
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
-        result: str = reply[0].decode()
         return result
 
     async def activity(self, activity_id: str) -> Activity | None:
@@ -452,11 +487,11 @@ class Stock:
 
     async def order(self, order_id: str) -> OrderRecord | None:
         """The live order record Redis holds, or None."""
-        activity_id = keys.activity_of_order(order_id)
-        if activity_id is None:
+        space = keys.space_of_order(order_id)
+        if space is None:
             return None
         try:
-            blob = await self._client.hget(keys.orders(activity_id), order_id)
+            blob = await self._client.hget(keys.orders(space), order_id)
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
         return OrderRecord.unpack(blob) if isinstance(blob, bytes) else None

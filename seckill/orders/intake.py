@@ -14,6 +14,7 @@ import asyncio
 from typing import Any
 
 from seckill import keys
+from seckill.buckets import key_spaces
 from seckill.connections import Client, is_cluster
 from seckill.orders.entries import Entry, activity_of, is_orders, text
 from seckill.orders.streams import GROUP, ensure_group
@@ -41,10 +42,9 @@ class Intake:
         self._turn = 0
 
     async def discover(self) -> list[str]:
-        """Add the streams of new activities (creating the group); the new ones."""
-        members: Any = await self.client.smembers(keys.ACTIVITIES)
+        """Add the streams of new activities and buckets (creating the group); the new ones."""
         added: list[str] = []
-        for activity_id in sorted(text(m) for m in members):
+        for activity_id in await key_spaces(self.client):
             for stream in (keys.stream(activity_id), keys.changes(activity_id)):
                 if stream not in self._known:
                     await ensure_group(self.client, stream)

@@ -21,6 +21,7 @@ from typing import Any
 from redis import exceptions as redis_errors
 
 from seckill import keys
+from seckill.buckets import key_spaces
 from seckill.connections import Client
 from seckill.errors import RedisUnavailable
 from seckill.orders.store import OrderStore, StoreUnavailable
@@ -75,13 +76,12 @@ class Retirer:
         """One pass over every activity; returns how many order records left Redis."""
         try:
             seconds, micros = await self.client.time()
-            members: Any = await self.client.smembers(keys.ACTIVITIES)
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
         # "due" is decided on Redis time, the clock the scripts stamped the queue with
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         removed = 0
-        for activity_id in sorted(m.decode() for m in members):
+        for activity_id in await key_spaces(self.client):  # the buckets' orders retire too
             removed += await self._retire_activity(activity_id, now_ms)
         self.stats.retired += removed
         self.stats.passes += 1

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from redis import exceptions as redis_errors
 
+from seckill.buckets import activity_of_space
 from seckill.errors import RedisUnavailable
 from seckill.scripts import CONNECTION_ERRORS
 from seckill.stock import Release, Stock
@@ -48,6 +49,7 @@ class SweeperStats:
     calls: int = 0  # release_stock.lua calls, due or not
     failed_passes: int = 0
     prepaid: int = 0  # due orders handed to the payment provider's settler
+    moves_finished: int = 0  # stock moves between buckets that their mover left unfinished
 
 
 class Sweeper:
@@ -67,10 +69,18 @@ class Sweeper:
         self._unsettled_logged = False
 
     async def sweep(self) -> int:
-        """One pass over every activity; returns how many orders expired."""
+        """One pass over every activity and bucket; returns how many orders expired.
+
+        A bucket's stock moves cut short (their mover crashed) are finished here too.
+        """
         expired = 0
         now = await self.stock.redis_now_ms()
-        for activity_id in await self.stock.activity_ids():
+        spaces = await self.stock.spaces()
+        # bucket 0 of a bucketed activity is the activity's own space: known by its buckets
+        bucketed = {activity_of_space(s) for s in spaces if s != activity_of_space(s)}
+        for activity_id in spaces:
+            if activity_of_space(activity_id) in bucketed:
+                self.stats.moves_finished += await self.stock.buckets.recover(activity_id, now)
             held = 0  # due entries that stay (prepaid: the provider decides), skipped by offset
             while True:
                 due = await self.stock.due(activity_id, now, self.batch_size, held)

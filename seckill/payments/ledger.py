@@ -189,12 +189,12 @@ class Ledger:
         self, order_id: str, user_id: str, record: PrepayRecord | None = None
     ) -> PrepayAnswer:
         """Look up (record None) or store once the prepay of a reserved order of the user."""
-        activity_id = keys.activity_of_order(order_id)
-        if activity_id is None:
+        space = keys.space_of_order(order_id)
+        if space is None:
             return PrepayAnswer("not_found")
         reply = await self._scripts.record_prepay(
             self._client,
-            keys.prepay_keys(activity_id),
+            keys.prepay_keys(space),
             [order_id, user_id, record.to_json() if record is not None else ""],
         )
         outcome = _text(reply[0])
@@ -224,11 +224,11 @@ class Ledger:
 
     async def forget_prepay(self, order_id: str) -> None:
         """Drop a prepay whose provider order is settled (paid and confirmed, or closed)."""
-        activity_id = keys.activity_of_order(order_id)
-        if activity_id is None:
+        space = keys.space_of_order(order_id)
+        if space is None:
             return
         try:
-            await self._client.hdel(keys.prepays(activity_id), order_id)
+            await self._client.hdel(keys.prepays(space), order_id)
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
 
@@ -236,11 +236,11 @@ class Ledger:
 
     async def refund(self, order_id: str) -> RefundRecord | None:
         """The refund record of an order, or None."""
-        activity_id = keys.activity_of_order(order_id)
-        if activity_id is None:
+        space = keys.space_of_order(order_id)
+        if space is None:
             return None
         try:
-            raw: Any = await self._client.hget(keys.refunds(activity_id), order_id)
+            raw: Any = await self._client.hget(keys.refunds(space), order_id)
         except CONNECTION_ERRORS as exc:
             raise RedisUnavailable() from exc
         return RefundRecord.from_json(raw) if raw is not None else None
@@ -267,10 +267,9 @@ class Ledger:
     async def move_refund(self, before: RefundRecord, after: RefundRecord, next_at_ms: int) -> bool:
         """Replace ``before`` by ``after`` (next try at ``next_at_ms``, -1: none); False if
         someone moved it first."""
-        activity_id = before.activity_id
         reply = await self._scripts.refund_update(
             self._client,
-            keys.refund_keys(activity_id),
+            keys.refund_keys(keys.space_of_order(before.order_id) or ""),
             [before.order_id, before.version, after.to_json(), next_at_ms],
         )
         return _text(reply[0]) == "ok"

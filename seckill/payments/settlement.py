@@ -311,7 +311,7 @@ class Reconciler(_PaymentLoop):
         """One pass over every activity's prepays; how many provider calls it made."""
         budget = self.per_pass
         now_ms = await self.stock.redis_now_ms()
-        for activity_id in await self.stock.activity_ids():
+        for activity_id in await self.stock.spaces():
             cursor = 0
             while budget > 0:
                 cursor, records = await self.ledger.scan_prepays(activity_id, cursor, 100)
@@ -423,7 +423,7 @@ class Refunder(_PaymentLoop):
         """Try every refund that is due; how many were tried."""
         tried = 0
         now_ms = await self.stock.redis_now_ms()
-        for activity_id in await self.stock.activity_ids():
+        for activity_id in await self.stock.spaces():
             for order_id in await self.ledger.refunds_due(activity_id, now_ms, self.batch):
                 record = await self.ledger.refund(order_id)
                 if record is None or record.status not in ("pending", "processing"):

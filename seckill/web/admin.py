@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from seckill import clock, keys, report
+from seckill import buckets, clock, keys, report
 from seckill.activities import Activity
 from seckill.denylist import deny_body
 from seckill.errors import InvalidRequest, NotFound, Overloaded, RedisUnavailable
@@ -59,7 +59,9 @@ async def list_activities(request: web.Request) -> web.Response:
     for i in range(0, len(replies), 3):
         meta, stock, skus = replies[i : i + 3]
         if meta:
-            listed.append(_admin_body(Activity.from_meta(meta), now_ms, stock, skus, services))
+            activity = Activity.from_meta(meta)
+            stock = await _stock_left(services, activity, stock)
+            listed.append(_admin_body(activity, now_ms, stock, skus, services))
     return web.json_response({"count": len(ids), "activities": listed})
 
 
@@ -81,8 +83,17 @@ async def get_activity(request: web.Request) -> web.Response:
         raise RedisUnavailable() from exc
     if not meta:
         raise NotFound("no such activity")
-    body = _admin_body(Activity.from_meta(meta), clock.now_ms(), stock, skus, services)
+    activity = Activity.from_meta(meta)
+    stock = await _stock_left(services, activity, stock)
+    body = _admin_body(activity, clock.now_ms(), stock, skus, services)
     return web.json_response(body)
+
+
+async def _stock_left(services: Services, activity: Activity, stock: Any) -> Any:
+    """``stock`` as read (bucket 0's), or for a bucketed activity what all buckets hold."""
+    if activity.buckets == 1:
+        return stock
+    return await services.stock.buckets.left(activity.id, activity.buckets)
 
 
 def _admin_body(
@@ -125,8 +136,11 @@ async def dead_letters(request: web.Request) -> web.Response:
         known = await services.redis.exists(keys.meta(activity_id), keys.dead_letters(activity_id))
         if not known:
             raise NotFound("no such activity")
-        count = await deadletters.count(services.redis, activity_id)
-        page = await deadletters.page(services.redis, activity_id, limit)
+        count, page = 0, list[dict[str, Any]]()
+        for space in await buckets.spaces_of(services.redis, activity_id):
+            count += await deadletters.count(services.redis, space)
+            if len(page) < limit:  # a bucketed activity's buckets in turn
+                page += await deadletters.page(services.redis, space, limit - len(page))
     except CONNECTION_ERRORS as exc:
         raise RedisUnavailable() from exc
     return web.json_response({"activity_id": activity_id, "count": count, "dead_letters": page})

@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from seckill import clock, keys, report
+from seckill import buckets, clock, keys, report
 from seckill.activities import Activity
 from seckill.orders.store import StoreUnavailable
 from seckill.orders.streams import oldest_waiting_ms
@@ -266,6 +266,10 @@ class Live:
             body["report"] = found
         available = found["available"] if found else 0
         body["state"] = activity.state(now_ms, available, paused)
-        oldest = await oldest_waiting_ms(services.redis, keys.stream(activity.id))
+        waiting = [  # a bucketed activity's buckets each have their stream
+            await oldest_waiting_ms(services.redis, keys.stream(space))
+            for space in buckets.spaces(activity.id, activity.buckets)
+        ]
+        oldest = min((ms for ms in waiting if ms), default=0)
         body["writer_lag_s"] = round(max(0, now_ms - oldest) / 1000, 1) if oldest else 0.0
         return body
