@@ -34,7 +34,10 @@ def test_a_helpers_keys_share_one_slot(
     name: str, helper: Callable[..., list[str]], activity_id: str
 ) -> None:
     arguments = {
-        parameter: SAMPLES.get(parameter, activity_id if parameter == "activity_id" else f"v{n}")
+        # a key space is an activity's own, or one of its buckets' (which has a tag of its own)
+        parameter: SAMPLES.get(
+            parameter, activity_id if parameter in ("activity_id", "space") else f"v{n}"
+        )
         for n, parameter in enumerate(inspect.signature(helper).parameters)
     }
     spelled = helper(**arguments)
