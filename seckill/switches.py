@@ -147,8 +147,14 @@ class Switches:
                 "set",
             ],
         )
+        # this process reads its own change at once, its expiry included (a snapshot taken
+        # right after the PUT shows when the flag returns); the others follow the announcement
         self._values[name] = value
         expires = reply[1].decode()
+        if expires:
+            self._expiries[name] = int(expires)
+        else:
+            self._expiries.pop(name, None)
         return {
             "name": name,
             "value": value,
