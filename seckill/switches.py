@@ -91,6 +91,7 @@ class Switches:
         self._resync_interval_s = resync_interval_s
         self._values: dict[str, Any] = {}
         self._expiries: dict[str, int] = {}
+        self._changes = 0  # this process's own changes, counted: a load must not undo one
         self._closed = False
 
     # -- the request path: local reads only ------------------------------------------------
@@ -150,6 +151,7 @@ class Switches:
         # this process reads its own change at once, its expiry included (a snapshot taken
         # right after the PUT shows when the flag returns); the others follow the announcement
         self._values[name] = value
+        self._changes += 1
         expires = reply[1].decode()
         if expires:
             self._expiries[name] = int(expires)
@@ -164,10 +166,16 @@ class Switches:
 
     async def load(self) -> None:
         """Re-read every flag from Redis."""
-        pipe = self._client.pipeline(transaction=False)
-        pipe.hgetall(FLAGS)
-        pipe.hgetall(FLAG_META)
-        raw_values, raw_meta = await pipe.execute()
+        while True:
+            changes = self._changes
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hgetall(FLAGS)
+            pipe.hgetall(FLAG_META)
+            raw_values, raw_meta = await pipe.execute()
+            # a change of this process's own landed while we read: what we read may predate
+            # it, and would undo it here until the next resync
+            if changes == self._changes:
+                break
         self._values = {k.decode(): json.loads(v) for k, v in raw_values.items()}
         expiries = {}
         for name, meta in raw_meta.items():

@@ -127,7 +127,7 @@ async def test_kill_9_three_times_while_10000_orders_flow(
         while kills < 3:
             # kill only once this writer is demonstrably writing: mid-flow, every time
             written = await store.count("flow")
-            await _wait(lambda w=written: _grown(store, w + 300), 30, "the writer to write")
+            await _wait(lambda w=written: _grown(store, w + 300), 90, "the writer to write")
             writer.send_signal(signal.SIGKILL)
             writer.wait(10)
             kills += 1
