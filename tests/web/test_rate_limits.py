@@ -188,6 +188,7 @@ async def test_a_bad_reload_is_counted_and_the_old_rules_stay(
     assert again.status == 429, "the rules in force still apply"
 
 
+@pytest.mark.alone  # its floor is a rate in wall-clock time: two gateways hammered at once
 async def test_the_redis_admission_bucket_is_exact_across_processes(
     settings: Settings, rules: Path
 ) -> None:
