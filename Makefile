@@ -37,10 +37,18 @@ up: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || [ -n "$$SECKILL_REDIS_URL" ] || $(MAKE) --no-print-directory tools
 	$(BIN)/seckill up
 
+# The suite spends its time waiting (subprocesses, Redis, PostgreSQL, deliberate faults), not
+# computing: PYTEST_WORKERS processes share it out (pytest-xdist, each worker with a
+# redis-server of its own; worksteal evens out the long tests). The few marked `alone` (a load
+# generator, the benchmark harness: their verdicts depend on the CPU they get) run afterwards,
+# one at a time.
+PYTEST_WORKERS ?= 4
+
 test: $(STAMP) tools
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m "not alone"
+	$(BIN)/pytest -q -m alone
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

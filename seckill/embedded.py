@@ -44,6 +44,13 @@ class EmbeddedRedisError(RuntimeError):
     """The private redis-server could not be started."""
 
 
+class _PortTaken(Exception):
+    """redis-server could not bind the port drawn for it: someone took it in the meantime."""
+
+
+_ADDRESS_IN_USE = "Address already in use"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now.
 
@@ -101,12 +108,32 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> str:
-        """Start redis-server and wait until it answers; returns its URL."""
+        """Start redis-server and wait until it answers; returns its URL.
+
+        A port drawn here can still be taken before redis-server binds it (another test
+        worker, another server starting at the same moment): then another port is drawn.
+        A port given by the caller is tried once.
+        """
         binary = shutil.which("redis-server")
         if binary is None:
             raise EmbeddedRedisError(INSTALL_HINT)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port()
+        chosen = self.port
+        for _ in range(1 if chosen else 5):
+            self.port = chosen or free_port()
+            try:
+                self._launch(binary, timeout_s)
+            except _PortTaken:
+                continue
+            log.info("embedded redis-server on port %d, data in %s", self.port, self.data_dir)
+            return self.url
+        raise EmbeddedRedisError(f"redis-server found its port taken; see {self._log}")
+
+    @property
+    def _log(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def _launch(self, binary: str, timeout_s: float) -> None:
         command = [
             binary,
             *([str(self.config_file.resolve())] if self.config_file is not None else []),
@@ -137,6 +164,7 @@ class EmbeddedRedis:
             "noeviction",
             *self.extra_args,
         ]
+        logged = self._log.stat().st_size if self._log.exists() else 0
         self._process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
         )
@@ -145,12 +173,13 @@ class EmbeddedRedis:
         try:
             while True:
                 if self._process.poll() is not None:
-                    raise EmbeddedRedisError(
-                        f"redis-server exited with {self._process.returncode}; "
-                        f"see {self.data_dir / 'redis.log'}"
-                    )
+                    self._process = None
+                    if _ADDRESS_IN_USE in self._log_since(logged):
+                        raise _PortTaken
+                    raise EmbeddedRedisError(f"redis-server exited; see {self._log}")
                 try:
-                    if client.ping():
+                    # the one answering must be ours, not a server that won the port
+                    if client.info("server")["process_id"] == self._process.pid:
                         break
                 except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
                     pass
@@ -160,8 +189,14 @@ class EmbeddedRedis:
                 time.sleep(0.05)
         finally:
             client.close()
-        log.info("embedded redis-server on port %d, data in %s", self.port, self.data_dir)
-        return self.url
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with self._log.open("rb") as log_file:
+                log_file.seek(offset)
+                return log_file.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     @property
     def running(self) -> bool:

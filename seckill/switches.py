@@ -175,15 +175,16 @@ class Switches:
 
     async def load(self) -> None:
         """Re-read every flag from Redis."""
-        changes = self._changes
-        pipe = self._client.pipeline(transaction=False)
-        pipe.hgetall(FLAGS)
-        pipe.hgetall(FLAG_META)
-        raw_values, raw_meta = await pipe.execute()
-        if changes != self._changes:
-            # this process changed a flag meanwhile: the reading may predate it (it went out on
-            # another connection), and the next resync reads both
-            return
+        while True:
+            changes = self._changes
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hgetall(FLAGS)
+            pipe.hgetall(FLAG_META)
+            raw_values, raw_meta = await pipe.execute()
+            # a change of this process's own landed while we read: what we read may predate
+            # it, and would undo it here until the next resync
+            if changes == self._changes:
+                break
         self._values = {k.decode(): json.loads(v) for k, v in raw_values.items()}
         expiries = {}
         for name, meta in raw_meta.items():

@@ -148,38 +148,35 @@ async def client(settings: Settings) -> AsyncIterator[TestClient[object, object]
 def live_gateway(
     redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    """A real `seckill serve` process on a free port, sharing the test Redis."""
+    """A real `seckill serve` process sharing the test Redis, on a port the kernel gives it.
+
+    Port 0 and the URL from its first line: a port drawn beforehand could be taken by another
+    test worker's server in the meantime, and a health check would then answer for that one.
+    """
     import subprocess
     import sys
-    import time
-    import urllib.request
 
-    from seckill.embedded import free_port
-
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
     env["SECKILL_REDIS_URL"] = redis_server.url
     env["SECKILL_DATA_KEYS"] = "live:" + "A" * 22 + "=="  # addresses are sealed here too
     env["SECKILL_DEV"] = "1"  # the published secrets are for tests like this one
-    process = subprocess.Popen(
-        [sys.executable, "-m", "seckill", "serve", "--port", str(port)],
-        env=env,
-        cwd=tmp_path_factory.mktemp("gateway"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("seckill serve did not start") from None
-            time.sleep(0.1)
-    yield url
+    cwd = tmp_path_factory.mktemp("gateway")
+    with (cwd / "serve.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "seckill", "serve", "--port", "0"],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("seckill serving on http://"):
+        process.kill()
+        process.wait(10)
+        raise RuntimeError(f"seckill serve did not start: {(cwd / 'serve.log').read_text()}")
+    yield line.split()[-1]
     process.terminate()
     try:
         process.wait(10)

@@ -114,6 +114,8 @@ def test_a_ciphertext_names_its_key_and_only_opens_for_its_order() -> None:
         (OLD, "aes-256-gcm", "32 bytes"),
         (OLD, "rot13", "data.cipher"),
     ],
+    # named, not numbered by their random key: every xdist worker must collect the same ids
+    ids=["no-secret", "not-base64", "short", "twice", "aes-key-size", "unknown-cipher"],
 )
 def test_malformed_keys_stop_settings_with_one_clear_line(
     keys_text: str, cipher: str, fragment: str

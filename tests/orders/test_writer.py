@@ -127,11 +127,13 @@ async def test_kill_9_three_times_while_10000_orders_flow(
         while kills < 3:
             # kill only once this writer is demonstrably writing: mid-flow, every time
             written = await store.count("flow")
-            await _wait(lambda w=written: _grown(store, w + 300), 30, "the writer to write")
+            await _wait(lambda w=written: _grown(store, w + 300), 90, "the writer to write")
             writer.send_signal(signal.SIGKILL)
-            writer.wait(10)
+            await asyncio.to_thread(writer.wait, 10)
             kills += 1
-            writer = _writer_process(redis_url, database_url, tmp_path)
+            # in a thread: the new writer takes seconds to start on a busy machine, and a
+            # blocked event loop would time out the producer's Redis calls meanwhile
+            writer = await asyncio.to_thread(_writer_process, redis_url, database_url, tmp_path)
         await producer
         await _wait(lambda: _settled(redis, "flow"), 90, "the backlog to drain")
     finally:

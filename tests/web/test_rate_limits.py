@@ -112,7 +112,10 @@ async def test_admitted_never_exceed_rate_times_time_plus_burst(
     assert set(statuses) <= {202, 429}, statuses
     assert statuses[429] > 0, f"{level}: the limit was reached"
     assert admitted <= rate * elapsed + burst, f"{level}: {admitted} admitted in {elapsed:.2f}s"
-    assert admitted >= rate * elapsed * 0.5, f"{level}: the limit is not starving ({admitted})"
+    # not starving: half of what the rate allowed, or of what was asked (a busy machine may
+    # not even ask for as much as the rate allows)
+    asked = sum(statuses.values())
+    assert admitted >= min(rate * elapsed, asked) * 0.5, f"{level}: starving ({admitted})"
 
 
 async def test_429_says_when_to_come_back_and_replays_come_first(
@@ -187,6 +190,7 @@ async def test_a_bad_reload_is_counted_and_the_old_rules_stay(
     assert again.status == 429, "the rules in force still apply"
 
 
+@pytest.mark.alone  # its floor is a rate in wall-clock time: two gateways hammered at once
 async def test_the_redis_admission_bucket_is_exact_across_processes(
     settings: Settings, rules: Path
 ) -> None:
@@ -212,4 +216,4 @@ async def test_the_redis_admission_bucket_is_exact_across_processes(
         )
     admitted = a[202] + b[202]
     assert admitted <= 30 * elapsed + 5, f"{admitted} admitted in {elapsed:.2f}s by both"
-    assert admitted >= 30 * elapsed * 0.5
+    assert admitted >= min(30 * elapsed, sum(a.values()) + sum(b.values())) * 0.5, "starving"
