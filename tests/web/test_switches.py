@@ -18,7 +18,7 @@ import redis
 
 from seckill import clock
 from seckill import settings as settings_module
-from seckill.embedded import EmbeddedRedis, free_port
+from seckill.embedded import free_port
 from seckill.switches import FLAGS, KNOWN
 from tests.helpers import activity_body, user_headers
 
@@ -67,20 +67,13 @@ def _start_gateway(env: dict[str, str], cwd: Path, name: str) -> tuple[Any, str]
 
 
 @pytest.fixture(scope="module")
-def gateway_pair(
-    redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[str]]:
-    """Two `seckill serve` processes sharing the test Redis, started once for the module."""
-    env = {**CLEAN_ENV, "SECKILL_REDIS_URL": redis_server.url, "SECKILL_DEV": "1"}
-    cwd = tmp_path_factory.mktemp("gateways")
+def gateway_pairs() -> Iterator[tuple[dict[str, list[str]], list[Any]]]:
+    """Two `seckill serve` processes per Redis (one node, a Cluster, a Sentinel primary),
+    started on first use and kept for the module."""
+    pairs: dict[str, list[str]] = {}
     processes: list[Any] = []
-    urls = []
     try:
-        for n in range(2):
-            process, url = _start_gateway(env, cwd, f"gateway-{n}")
-            processes.append(process)
-            urls.append(url)
-        yield urls
+        yield pairs, processes
     finally:
         for process in processes:
             process.terminate()
@@ -90,6 +83,26 @@ def gateway_pair(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(15)
+
+
+@pytest.fixture
+def gateway_pair(
+    gateway_pairs: tuple[dict[str, list[str]], list[Any]],
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> list[str]:
+    """The two gateways sharing the test's Redis."""
+    pairs, processes = gateway_pairs
+    if redis_url not in pairs:
+        env = {**CLEAN_ENV, "SECKILL_REDIS_URL": redis_url, "SECKILL_DEV": "1"}
+        cwd = tmp_path_factory.mktemp("gateways")
+        urls = []
+        for n in range(2):
+            process, url = _start_gateway(env, cwd, f"gateway-{n}")
+            processes.append(process)
+            urls.append(url)
+        pairs[redis_url] = urls
+    return pairs[redis_url]
 
 
 @pytest.fixture
