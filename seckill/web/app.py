@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,6 +40,16 @@ from seckill.web.middlewares import errors
 from seckill.web.state import SERVICES, Services
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _openapi() -> dict[str, Any]:
+    """docs/openapi.yaml, parsed once per process (by libyaml): served as is, never changed."""
+    document: dict[str, Any] = yaml.load(
+        resources.openapi_path().read_text(encoding="utf-8"),
+        Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader),
+    )
+    return document
 
 
 def redis_client(settings: Settings) -> Client:
@@ -337,7 +348,7 @@ def create_app(settings: Settings) -> web.Application:
         metrics=metrics,
         lottery=Lottery(client, scripts),
         turns=Turns(client, scripts),
-        openapi=yaml.safe_load(resources.openapi_path().read_text(encoding="utf-8")),
+        openapi=_openapi(),
         personal=_sealer(settings),
         breakers=breakers,
     )
