@@ -30,7 +30,6 @@ SENTINEL = "redis+sentinel"
 SINGLE = frozenset({"redis", "rediss", "unix"})
 
 
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Target:
     """A parsed ``redis+cluster://`` or ``redis+sentinel://`` URL."""
