@@ -106,6 +106,8 @@ def _writer_process(redis_url: str, database_url: str, cwd: Path) -> subprocess.
     return process
 
 
+@pytest.mark.alone  # 10,000 orders against a writer killed 3 times: starved among workers, its
+# producer's Redis calls outlived their 5 s timeout on a loaded machine
 async def test_kill_9_three_times_while_10000_orders_flow(
     redis: Redis, stock: Stock, store: OrderStore, redis_url: str, tmp_path: Path
 ) -> None:
