@@ -18,7 +18,6 @@ from seckill.settings import Settings
 from seckill.web.app import create_app
 from tests.helpers import activity_body, admin_headers, rfc3339, user_headers
 
-
 Client = TestClient[Any, Any]
 
 

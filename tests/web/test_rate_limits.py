@@ -20,7 +20,6 @@ from seckill.web.app import create_app
 from seckill.web.state import SERVICES
 from tests.helpers import activity_body, admin_headers, user_headers
 
-
 Client = TestClient[Any, Any]
 _keys = itertools.count()
 
