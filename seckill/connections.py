@@ -191,8 +191,28 @@ class GatedCluster(RedisCluster):
         self.gate = gate
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        # the slot map first: redis-py picks a command's node before it initializes, so the
+        # first burst of a fresh client went to whichever node was default, MOVED by the others
+        await self.initialize()
         async with self.gate.held():
             return await super().execute_command(*args, **kwargs)
+
+    async def aclose(self) -> None:
+        """Ask for a fresh slot map, closing nothing.
+
+        redis-py calls this mid-traffic to refresh its slot map (every 5th MOVED, a pipeline's
+        connection error or timeout, CLUSTERDOWN), and it closed every connection of every
+        node, the ones other calls were using included: their replies were lost ("Connection
+        closed by server" on the event subscription first, ``_writer`` None in a handshake),
+        each loss the next refresh's cause. Now the next call re-reads the map, which marks
+        the connections for a reconnect each takes in turn when free (redis-py's own lazy
+        path). :func:`close` closes for good.
+        """
+        self._initialize = True
+
+    async def close_all(self) -> None:
+        """Close every connection (the client is not used again)."""
+        await super().aclose()
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         if shard_hint:  # refused by the parent, as redis-py does
@@ -255,6 +275,9 @@ def is_cluster(client: Client) -> bool:
 
 async def close(client: Client) -> None:
     """Close the client and every pooled connection."""
+    if isinstance(client, GatedCluster):
+        await client.close_all()
+        return
     await client.aclose()
     if isinstance(client, Redis):
         await client.connection_pool.disconnect()
