@@ -174,7 +174,7 @@ async def test_idle_cluster_connections_are_not_handed_out_while_they_close(
         closing = asyncio.create_task(node.disconnect_free_connections())
         await asyncio.sleep(0)  # the idle connections are closing
         connection = node.acquire_connection()
-        await connection.connect()
+        await connection.connect()  # type: ignore[no-untyped-call]
         await closing
         assert connection.is_connected
         node.release(connection)
