@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from seckill import __version__, resources
+from seckill import __version__, connections, resources
 from seckill import settings as settings_module
 from seckill.auth import UserAuth
 from seckill.embedded import EmbeddedRedis, EmbeddedRedisError
@@ -237,7 +237,7 @@ def _on_redis(
         try:
             return await command(client)
         finally:
-            await client.aclose()
+            await connections.close(client)
 
     try:
         return asyncio.run(run())
@@ -258,7 +258,7 @@ async def _connected(settings: Settings) -> AsyncIterator[tuple[Client, OrderSto
         yield client, store
     finally:
         await store.close()
-        await client.aclose()
+        await connections.close(client)
 
 
 def cmd_writer(settings: Settings, args: argparse.Namespace) -> int:
@@ -379,7 +379,7 @@ def cmd_flags(settings: Settings, args: argparse.Namespace) -> int:
                 value = args.value  # a bare word is a string
             return await switches.set(args.name, value, args.ttl, f"cli:{getpass.getuser()}")
         finally:
-            await client.aclose()
+            await connections.close(client)
 
     try:
         print(json.dumps(asyncio.run(run()), indent=2))

@@ -16,7 +16,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
 from seckill import resources
-from seckill.connections import Client
+from seckill.connections import Client, Gate, GatedCluster
 from seckill.errors import NotReplicated, RedisUnavailable
 
 log = logging.getLogger(__name__)
@@ -329,7 +329,7 @@ class Coalescer:
         return replies[:-1], [_replicas(replies[-1])] * len(batch)
 
     async def _cluster_pipeline(
-        self, cluster: RedisCluster, batch: list[_Call]
+        self, cluster: GatedCluster, batch: list[_Call]
     ) -> tuple[list[Any], list[int]]:
         """One round trip per master, in parallel: the calls grouped by the node that owns
         their slot (the client's slot map), each group ending with its own WAIT.
@@ -358,7 +358,7 @@ class Coalescer:
                 groups.setdefault(node.name, (node, []))[1].append(i)
             results = await asyncio.gather(
                 *(
-                    self._node_exchange(node, [batch[i] for i in calls])
+                    self._node_exchange(cluster.gate, node, [batch[i] for i in calls])
                     for node, calls in groups.values()
                 ),
                 return_exceptions=True,
@@ -384,20 +384,22 @@ class Coalescer:
         return replies, replicas
 
     async def _node_exchange(
-        self, node: ClusterNode, batch: list[_Call]
+        self, gate: Gate, node: ClusterNode, batch: list[_Call]
     ) -> tuple[list[Any], list[int]]:
-        """One round trip on a connection of the cluster node's own pool."""
-        connection = node.acquire_connection()
-        answered = False
-        try:
-            await node.disconnect_if_needed(connection)
-            replies = await self._exchange(connection, batch)
-            answered = True
-            return replies
-        finally:
-            if not answered:
-                await connection.disconnect(nowait=True)
-            node.release(connection)
+        """One round trip on a connection of the cluster node's own pool, in turn with the
+        client's other calls (the gate: the pool fails at its cap instead of waiting)."""
+        async with gate.held():
+            connection = node.acquire_connection()
+            answered = False
+            try:
+                await node.disconnect_if_needed(connection)
+                replies = await self._exchange(connection, batch)
+                answered = True
+                return replies
+            finally:
+                if not answered:
+                    await connection.disconnect(nowait=True)
+                node.release(connection)
 
     async def close(self) -> None:
         """Wait for the pipelines in flight."""

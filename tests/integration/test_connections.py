@@ -127,3 +127,57 @@ async def test_an_evicting_master_of_a_cluster_is_refused(redis_cluster: Cluster
         last.close()
     assert refusal is not None
     assert "'allkeys-lru' on " in refusal and str(redis_cluster.masters()[-1].port) in refusal
+
+
+async def test_cluster_callers_wait_for_a_connection_instead_of_failing_at_the_cap(
+    redis_cluster: Cluster,
+) -> None:
+    """Far more concurrent commands and pipelines than ``max_connections``: every one is
+    answered (they wait their turn), none fails with MaxConnectionsError as redis-py's cluster
+    node pool does at its cap."""
+    client = connections.connect(_redis_settings(redis_cluster.url, max_connections=2))
+    assert isinstance(client, connections.GatedCluster)
+    key = _keys_on_every_master(redis_cluster)[2]
+
+    async def pipelined(n: int) -> list[object]:
+        pipe = client.pipeline(transaction=False)
+        pipe.incrby(key, n)
+        pipe.get(key)
+        result: list[object] = await pipe.execute()
+        return result
+
+    try:
+        await client.delete(key)
+        await asyncio.gather(*(client.incrby(key, 1) for _ in range(200)))
+        await asyncio.gather(*(pipelined(1) for _ in range(100)))
+        assert await client.get(key) == b"300"
+        nodes = client.get_nodes()
+        assert max(len(node._connections) for node in nodes) <= 2
+    finally:
+        await connections.close(client)
+
+
+async def test_idle_cluster_connections_are_not_handed_out_while_they_close(
+    redis_cluster: Cluster,
+) -> None:
+    """After a connection error redis-py closes a node's idle connections; a connection taken
+    from the node meanwhile is not one of them (redis-py 8.1 left them in the free queue: the
+    taker's socket was closed under it, "Connection closed by server" or ``_writer`` None)."""
+    client = connections.connect(_redis_settings(redis_cluster.url))
+    assert isinstance(client, connections.GatedCluster)
+    key = _keys_on_every_master(redis_cluster)[1]
+    try:
+        await client.delete(key)
+        await asyncio.gather(*(client.incr(key) for _ in range(20)))  # idle connections
+        node = client.get_node_from_key(key)
+        assert node is not None and node._free
+        closing = asyncio.create_task(node.disconnect_free_connections())
+        await asyncio.sleep(0)  # the idle connections are closing
+        connection = node.acquire_connection()
+        await connection.connect()  # type: ignore[no-untyped-call]
+        await closing
+        assert connection.is_connected
+        node.release(connection)
+        assert await client.incr(key) == 21
+    finally:
+        await connections.close(client)
