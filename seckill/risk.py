@@ -258,7 +258,8 @@ class Hit:
 
 
 _LISTING_FAULTS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, redis_errors.RedisError)
-HITS_KEPT = 10_000  # the hits stream is capped (MAXLEN ~): a window on recent activity
+# the hits stream is a window on recent activity, trimmed by age (MINID), never by count
+HITS_KEPT_MS = 24 * 3600 * 1000
 _FLUSH_MOST = 1_000  # hits written per flush; more in one interval are counted, not listed
 
 
@@ -302,7 +303,7 @@ class HitLog:
                     "subject": hit.subject,
                     "at_ms": hit.at_ms,
                 },
-                maxlen=HITS_KEPT,
+                minid=f"{hit.at_ms - HITS_KEPT_MS}-0",
                 approximate=True,
             )
         try:
