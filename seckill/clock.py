@@ -13,11 +13,22 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# whole seconds already formatted: every 202 of a storm names an expiry within a few seconds
+_SECONDS: dict[int, str] = {}
+_SECONDS_MAX = 256
+
+
 def to_rfc3339(ms: int) -> str:
     """Epoch ms as RFC 3339 UTC with millisecond precision, e.g. 2026-11-22T10:00:00.000Z."""
-    moment = _EPOCH + timedelta(milliseconds=ms)
-    # isoformat zero-pads the year (strftime's %Y does not on every platform)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    second, milli = divmod(ms, 1000)
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        if len(_SECONDS) >= _SECONDS_MAX:
+            _SECONDS.clear()
+        # isoformat zero-pads the year (strftime's %Y does not on every platform)
+        prefix = (_EPOCH + timedelta(seconds=second)).isoformat().removesuffix("+00:00")
+        _SECONDS[second] = prefix
+    return f"{prefix}.{milli:03d}Z"
 
 
 def parse_rfc3339(text: str) -> int:

@@ -34,7 +34,7 @@ from seckill.stock import Stock
 from seckill.switches import Switches
 from seckill.turns import Turns
 from seckill.upstreams import Upstream
-from seckill.web import admin, console, fair, ops, payments, public
+from seckill.web import admin, console, fair, lane, ops, payments, public
 from seckill.web.live import Live
 from seckill.web.middlewares import errors
 from seckill.web.state import SERVICES, Services
@@ -385,6 +385,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(console.routes)
     if not settings.server.ops_port:
         app.add_routes(ops.probes)  # else only on the internal listener (create_ops_app)
+    lane.install(app)
     return app
 
 

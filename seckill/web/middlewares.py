@@ -6,13 +6,15 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from seckill.errors import Overloaded, SeckillError
 from seckill.web.bodies import COUNTED, UNCOUNTED
-from seckill.web.state import SERVICES
+from seckill.web.state import SERVICES, Services
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 _TRACEBACK_EVERY_S = 10.0
 _last_traceback: dict[str, float] = {}
 
-_NEVER_SHED = frozenset({"/healthz", "/readyz", "/metrics"})
+_NEVER_SHED = frozenset({"healthz", "readyz", "metrics"})  # route names
 _SHED = Overloaded("too many requests in flight, retry later", retry_after=1)
 
 # set on a returned (not raised) error response so the outcome is counted by its code
@@ -71,12 +73,25 @@ def error_response(
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn SeckillError (and aiohttp's own HTTP errors) into contract errors; count outcomes."""
-    services = request.app[SERVICES]
+    route = request.match_info.route.name or "unmatched"
+    return await answer(request.app[SERVICES], request, route, handler, request)
+
+
+async def answer(
+    services: Services,
+    request: web.Request,
+    route: str,
+    handler: Callable[..., Awaitable[web.StreamResponse]],
+    *args: Any,
+) -> web.StreamResponse:
+    """``await handler(*args)`` as the error middleware runs it: shedding, the in-flight count,
+    contract errors, outcome counts and latency. The order lane (web/lane.py) calls it directly.
+    """
     at_capacity = services.in_flight >= services.settings.protection.max_in_flight
-    if at_capacity and request.path not in _NEVER_SHED:
+    if at_capacity and route not in _NEVER_SHED:
         # load shedding: a pre-encoded answer, before auth, parsing or any Redis call
         services.shed += 1
-        services.metrics.count(request.match_info.route.name or "unmatched", "shed")
+        services.metrics.count(route, "shed")
         return refusal(_SHED)
     # a request counts in flight once its body is in (no body, or it came with the headers);
     # one still receiving its body is counted by read_limited when it arrives (web/bodies.py)
@@ -86,11 +101,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     else:
         request[UNCOUNTED] = True
     metrics = services.metrics
-    route = request.match_info.route.name or "unmatched"
     started = time.perf_counter()
     # the handler is awaited here, not in a helper coroutine: one frame less per request
     try:
-        response = await handler(request)
+        response = await handler(*args)
         metrics.count(route, response.get(OUTCOME, "ok"))
     except SeckillError as exc:
         metrics.count(route, exc.code)

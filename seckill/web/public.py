@@ -82,8 +82,12 @@ def device_id(request: web.Request) -> str:
 
 @routes.post("/api/v1/activities/{activity_id}/orders", name="order_create")
 async def create_order(request: web.Request) -> web.Response:
-    """Reserve stock for the caller: the request's shape here, the decision in purchase.py."""
-    services = request.app[SERVICES]
+    """Reserve stock for the caller (the lane in web/lane.py takes most of these first)."""
+    return await place_order(request.app[SERVICES], request, request.match_info["activity_id"])
+
+
+async def place_order(services: Services, request: web.Request, activity_id: str) -> web.Response:
+    """The order POST: the request's shape here, the decision in purchase.py."""
     user_id, tier = services.users.user(request.headers.get("Authorization"))
     limit = services.settings.server.max_body_bytes
     raw = body_now(request, limit)
@@ -95,7 +99,6 @@ async def create_order(request: web.Request) -> web.Response:
         raise InvalidRequest("Idempotency-Key header must be 1-64 characters of [A-Za-z0-9_-]")
     device = device_id(request)
 
-    activity_id = request.match_info["activity_id"]
     # cached (the storm's case): no coroutine, no id check (only valid ids are ever cached)
     entry = services.catalog.entries().get(activity_id) or await _entry(services, activity_id)
     decision = await purchase.decide(

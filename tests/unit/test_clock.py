@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from seckill import clock
 
@@ -32,3 +36,11 @@ def test_format_round_trips_with_four_digit_years(ms: int) -> None:
     text = clock.to_rfc3339(ms)
     assert len(text.split("-")[0]) == 4 and text.endswith("Z")
     assert clock.parse_rfc3339(text) == ms
+
+
+@given(st.integers(min_value=-62_135_596_800_000, max_value=253_402_300_799_999))
+def test_formatting_from_cached_seconds_matches_datetime(ms: int) -> None:
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    expected = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert clock.to_rfc3339(ms) == expected
+    assert clock.to_rfc3339(ms) == expected  # and again, from the cache
