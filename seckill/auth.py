@@ -40,7 +40,7 @@ class UserAuth:
         self._secret = secret
         self._leeway_s = leeway_s
         self._max_lifetime_s = max_lifetime_s
-        # token -> (sub, exp, tier, openid); the tier and openid claims are "" when absent
+        # header -> (sub, exp, tier, openid); the tier and openid claims are "" when absent
         self._verified: dict[str, tuple[str, float, str, str]] = {}
 
     def user_id(self, authorization: str | None) -> str:
@@ -58,15 +58,16 @@ class UserAuth:
         return subject, openid
 
     def _claims(self, authorization: str | None) -> tuple[str, float, str, str]:
-        if not authorization or not authorization.startswith("Bearer "):
-            raise Unauthorized("a Bearer token is required")
-        token = authorization[7:].strip()
-        hit = self._verified.get(token)
+        # keyed by the whole header: a hit costs one lookup and one clock read
+        hit = self._verified.get(authorization) if authorization else None
         if hit is not None:
             # kept until exp only: past it the token is checked again (with the leeway)
             if hit[1] > time.time():
                 return hit
-            del self._verified[token]
+            del self._verified[authorization]  # type: ignore[arg-type]
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Unauthorized("a Bearer token is required")
+        token = authorization[7:].strip()
         if len(token) > _TOKEN_MAX or not token.isascii():
             raise Unauthorized("invalid or expired token")
         try:
@@ -93,7 +94,7 @@ class UserAuth:
         if len(self._verified) >= _CACHE_MAX:
             self._verified.clear()
         verified = (subject, exp, tier, openid)
-        self._verified[token] = verified
+        self._verified[authorization] = verified
         return verified
 
     def _lifetime_checked(self, claims: dict[str, object]) -> float:

@@ -14,7 +14,7 @@ again there, so sold out is answered only once all buckets together have nothing
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from seckill.activities import Activity
     from seckill.buckets import Buckets
     from seckill.catalog import Entry
+    from seckill.limits import Rule
+    from seckill.risk import Screening
     from seckill.web.state import Services
 
 _REDIS_DOWN = Overloaded("stock service unavailable, retry later", retry_after=2)
@@ -91,7 +93,12 @@ class Decision:
     limited: tuple[float, float] | None = None
 
 
-async def decide(
+_ANSWERED = {
+    error: Decision(error=error) for error in (_SOLD_OUT, _ENDED, _RISK_REFUSED, *GATES.values())
+}
+
+
+def decide(
     services: Services,
     entry: Entry,
     user_id: str,
@@ -100,8 +107,12 @@ async def decide(
     idempotency_key: str,
     device: str,
     remote: str | None,
-) -> Decision:
-    """Reserve for the caller, or say why not (the first check that fails answers)."""
+) -> Decision | Coroutine[None, None, Decision]:
+    """Reserve for the caller, or say why not (the first check that fails answers).
+
+    The Decision itself when this process answers alone (the sold-out fast path: no
+    coroutine is made for the storm's common case), else the coroutine that asks Redis.
+    """
     activity = entry.activity
     activity_id = activity.id
     terms = skus.with_address(skus.resolve(activity, order, tier), order.address, services.personal)
@@ -122,16 +133,37 @@ async def decide(
         # window, stock (velocity is not counted: this attempt can buy nothing). Registration
         # and turns are not asked: once sold out, it is sold out for everyone holding nothing.
         if gate:
-            return Decision(error=GATES[gate])
+            return _ANSWERED[GATES[gate]]
         if screening.hits:
             risk.record(activity_id, screening.subject, screening.hits)
         if screening.refused:
-            return Decision(error=_RISK_REFUSED)
+            return _ANSWERED[_RISK_REFUSED]
         wait = services.limits.admit(activity_id, rule, factor)
         if wait:
             return Decision(limited=(wait, rule.admission_burst))
-        return Decision(error=_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT)
+        return _ANSWERED[_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT]
+    return _reserve(
+        services, entry, user_id, order, idempotency_key, remote, terms, gate, screening, rule
+    )
 
+
+async def _reserve(
+    services: Services,
+    entry: Entry,
+    user_id: str,
+    order: OrderRequest,
+    idempotency_key: str,
+    remote: str | None,
+    terms: skus.OrderTerms,
+    gate: str,
+    screening: Screening,
+    rule: Rule,
+) -> Decision:
+    """The Redis part of decide: velocity, the local admission bucket, the purchase script."""
+    activity = entry.activity
+    activity_id = activity.id
+    risk = services.risk
+    factor = services.switches.value("admission.factor")
     wait = 0.0
     # velocity: on one Redis the purchase script counts it in its own step (no round trip of
     # its own); on a Cluster each subject's counter sits in a slot of its own, asked first

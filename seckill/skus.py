@@ -7,6 +7,7 @@ terms as arguments; the script re-checks the definition version and decides by R
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -47,6 +48,30 @@ class OrderRequest(NamedTuple):
             raise InvalidRequest("sku_id must be a string of 1-64 characters")
         address = parse_address(body["address"]) if "address" in body else None
         return cls(quantity, sku_id, address)
+
+
+# raw order bodies already parsed: a storm sends a handful of distinct ones ({"quantity": 1});
+# only short ones without an address are kept (no personal data is cached)
+_PARSED: dict[bytes, OrderRequest] = {}
+_PARSED_MAX = 1024
+_PARSED_BODY_MAX = 96
+
+
+def order_request(raw: bytes) -> OrderRequest:
+    """The order POST body ``raw`` parsed and validated; InvalidRequest as OrderRequest.parse."""
+    order = _PARSED.get(raw)
+    if order is not None:
+        return order
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidRequest("body must be valid JSON") from None
+    order = OrderRequest.parse(body)
+    if order.address is None and len(raw) <= _PARSED_BODY_MAX:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[raw] = order
+    return order
 
 
 @dataclass(frozen=True, slots=True)

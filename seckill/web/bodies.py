@@ -31,11 +31,11 @@ def body_now(request: web.Request, limit: int) -> bytes | None:
     Only before the handler's first await: the body was then in when the middleware counted
     the request in flight, or it still is not (and read_limited counts it).
     """
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"body over {limit} bytes")
     content = request.content
     if not content.is_eof():
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"body over {limit} bytes")
         return None
     raw = content.read_nowait()
     if len(raw) > limit:

@@ -19,7 +19,7 @@ from seckill.errors import (
 from seckill.limits import retry_after_s
 from seckill.orders.record import OrderRecord
 from seckill.orders.store import StoreUnavailable
-from seckill.skus import OrderRequest
+from seckill.skus import order_request
 from seckill.stock import Outcome, Payment, Release, payment_hash
 from seckill.web.bodies import body_now, parse_json, read_limited
 from seckill.web.middlewares import OUTCOME, refusal
@@ -93,7 +93,7 @@ async def place_order(services: Services, request: web.Request, activity_id: str
     raw = body_now(request, limit)
     if raw is None:  # still arriving: wait for it under the body deadline
         raw = await read_limited(request, limit)
-    order = OrderRequest.parse(parse_json(raw))
+    order = order_request(raw)
     idempotency_key = request.headers.get("Idempotency-Key", "")
     if not keys.IDEMPOTENCY_KEY_PATTERN.fullmatch(idempotency_key):
         raise InvalidRequest("Idempotency-Key header must be 1-64 characters of [A-Za-z0-9_-]")
@@ -101,9 +101,11 @@ async def place_order(services: Services, request: web.Request, activity_id: str
 
     # cached (the storm's case): no coroutine, no id check (only valid ids are ever cached)
     entry = services.catalog.entries().get(activity_id) or await _entry(services, activity_id)
-    decision = await purchase.decide(
+    decision = purchase.decide(
         services, entry, user_id, tier, order, idempotency_key, device, request.remote
     )
+    if not isinstance(decision, purchase.Decision):
+        decision = await decision
     reservation = decision.reservation
     if reservation is not None:
         return _order_accepted(
