@@ -356,9 +356,13 @@ def run(
                 }, admin)  # fmt: skip
             buy, gone = "/api/v1/activities/buy/orders", "/api/v1/activities/gone/orders"
             limited = "/api/v1/activities/limited/orders"
-            # warm every gateway's token cache and sold-out mark as a live sale would have
+            # warm every gateway's token cache and sold-out mark as a live sale would have, and
+            # its purchase path (Redis's first growth of the sale's keys is not the steady state)
             for name in ("one", "two", "plain"):
-                wrk("warm-up", url[name], gone, 64, 2 if quick else 5, tokens)
+                for path in (gone, buy):
+                    wrk("warm-up", url[name], path, 64, 2 if quick else 5, tokens)
+            headline = ("bare aiohttp+uvloop handler", "sold-out fast path",
+                        "purchase (reserve_stock.lua)")  # fmt: skip
             scenarios = [
                 (name, base, path, connections)
                 for connections in connection_counts
@@ -374,6 +378,8 @@ def run(
                     ("purchase, serve --workers 2", url["two"], buy),
                     ("purchase, one script call per round trip (before)", url["plain"], buy),
                 )
+                # past 64 connections only the headline paths (their p99 against bare's)
+                if connections == 64 or name in headline
             ]
             import redis as redis_client
 
@@ -452,7 +458,7 @@ def _select_oversold(postgres_url: str, stock: int) -> bool:
 
 
 def targets(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """Issue 6's targets, from the figures of this very run."""
+    """Issue 12's targets (issue 6's p99 and naive-design bars), from this very run."""
     by = {(r["name"], r["connections"]): r for r in report["results"]}
     out: list[tuple[str, str, bool]] = []
 
@@ -462,8 +468,8 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
     sold_out = get("sold-out fast path", 64)
     purchase = get("purchase (reserve_stock.lua)", 64)
     if sold_out:
-        out.append(("sold-out >= 0.8x bare (64 conn)", f"{sold_out['ratio_to_bare']:.2f}x",
-                    sold_out["ratio_to_bare"] >= 0.8))  # fmt: skip
+        out.append(("sold-out >= 0.9x bare (64 conn)", f"{sold_out['ratio_to_bare']:.2f}x",
+                    sold_out["ratio_to_bare"] >= 0.9))  # fmt: skip
     if purchase:
         out.append(("purchase >= 0.5x bare (64 conn)", f"{purchase['ratio_to_bare']:.2f}x",
                     purchase["ratio_to_bare"] >= 0.5))  # fmt: skip

@@ -89,7 +89,10 @@ class AsyncBreaker:
             except self.failures as exc:
                 self._report(_raiser(exc))
                 raise
-            self._report(lambda: None)
+            if probe or self._breaker.fail_counter:
+                # a success only changes something after failures (or as the probe): the
+                # storm's successes in a closed breaker with none skip pybreaker's lock
+                self._report(lambda: None)
             return result
         finally:
             if probe:

@@ -105,23 +105,39 @@ def ip_bucket(activity_id: str, ip: str) -> str:
     return f"{_tag(activity_id)}:rl:ip:{ip}"
 
 
+# activity -> its part of reserve_stock.lua's KEYS that is the same for every buyer
+_RESERVE_FIXED: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {}
+_RESERVE_FIXED_MAX = 4096
+
+
 def reserve_keys(
     activity_id: str, user_id: str, key: str, ip: str = "", fair: bool = False
 ) -> list[str]:
     """KEYS of reserve_stock.lua, in its order (``fair``: with the turn keys)."""
+    fixed = _RESERVE_FIXED.get(activity_id)
+    if fixed is None:
+        if len(_RESERVE_FIXED) >= _RESERVE_FIXED_MAX:
+            _RESERVE_FIXED.clear()
+        fixed = _RESERVE_FIXED[activity_id] = (
+            (
+                meta(activity_id),
+                stock(activity_id),
+                holders(activity_id),
+                orders(activity_id),
+                deadlines(activity_id),
+                stream(activity_id),
+                counters(activity_id),
+            ),
+            _tag(activity_id),
+            (f"{_tag(activity_id)}:rl:admission", sku_stock(activity_id)),
+        )
+    shared, tag, tail = fixed
     spelled = [
-        meta(activity_id),
-        stock(activity_id),
-        holders(activity_id),
-        orders(activity_id),
-        deadlines(activity_id),
-        stream(activity_id),
-        counters(activity_id),
-        idempotency(activity_id, user_id, key),
-        user_bucket(activity_id, user_id),
-        ip_bucket(activity_id, ip or "-"),
-        f"{_tag(activity_id)}:rl:admission",
-        sku_stock(activity_id),
+        *shared,
+        f"{tag}:idem:{len(user_id)}:{user_id}:{key}",  # as idempotency()
+        f"{tag}:rl:u:{user_id}",  # as user_bucket()
+        f"{tag}:rl:ip:{ip or '-'}",  # as ip_bucket()
+        *tail,
     ]
     if fair:
         spelled += turn_keys(activity_id)

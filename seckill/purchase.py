@@ -181,17 +181,14 @@ async def _reserve(
     count = activity.buckets
     # the user's bucket holds everything of theirs: one slot, an exact per-user limit
     space = activity_id if count == 1 else buckets.home(activity_id, count, user_id)
-    risk_parts = (
-        risk.script_keys(space, screening, velocity=count_in_script),
-        risk.script_args(activity_id, screening, velocity=count_in_script),
-    )
+    risk_parts = risk.script_parts(space, activity_id, screening, velocity=count_in_script)
 
     def attempt(again: bool = False) -> Awaitable[Reservation]:
         # tried again after a move: the attempt's tokens and velocity were counted already
         limits = NO_LIMITS if again else rule.redis_limits(factor).per_bucket(count)
         parts = risk_parts
         if again and count_in_script:
-            parts = (risk.script_keys(space, screening), risk.script_args(activity_id, screening))
+            parts = risk.script_parts(space, activity_id, screening)
         return services.stock.reserve(
             space,
             user_id,

@@ -175,10 +175,19 @@ class RulesFile(RuleFile):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.rules = RiskRules()
+        self.velocity: tuple[tuple[str, tuple[str, str, int, int]], ...] = ()
         self.maybe_reload()
 
     def apply(self, text: str) -> None:
-        self.rules = parse(text)
+        rules = parse(text)
+        # (kind, its ARGV for the purchase script) of each velocity rule in force: worked out
+        # once per reload, not per order
+        self.velocity = tuple(
+            (kind, (f"{kind}_velocity", rule.script_mode(), rule.window_s * 1000, rule.most))
+            for kind in KINDS
+            if (rule := rules.velocity(kind)).on
+        )
+        self.rules = rules
 
 
 def hash_key(configured: str, jwt_secret: str) -> bytes:
@@ -188,17 +197,33 @@ def hash_key(configured: str, jwt_secret: str) -> bytes:
     return hmac.new(jwt_secret.encode(), b"seckill risk subject v1", hashlib.sha256).digest()
 
 
+_KNOWN_MAX = 65_536  # subjects whose hashes are remembered (about 10 MB)
+
+
 class Hashing:
     """Keyed hashes of subjects: Redis keys, hits and the deny list never hold them in clear."""
 
     def __init__(self, key: bytes) -> None:
         self._key = key
+        # (kind, raw value) -> hash: a buyer's retries, and every buyer behind one NAT address,
+        # are hashed (and the address parsed) once
+        self._known: dict[tuple[str, str], str] = {}
 
     def hash(self, kind: str, value: str) -> str:
         if not value:
             return ""
         digest = hmac.new(self._key, f"{kind}\0{value}".encode(), hashlib.sha256)
         return digest.hexdigest()[:20]
+
+    def of(self, kind: str, raw: str) -> str:
+        """The hash of a subject as it came in (an address is normalised first); "" for ""."""
+        known = self._known.get((kind, raw))
+        if known is None:
+            known = self.hash(kind, normalise_ip(raw) if kind == "ip" else raw)
+            if len(self._known) >= _KNOWN_MAX:
+                self._known.clear()
+            self._known[kind, raw] = known
+        return known
 
     def subject(self, user_id: str, device_id: str, remote: str | None) -> Subject:
         return Subject(self, user_id, device_id, remote)
@@ -221,9 +246,7 @@ class Subject:
         """The keyed hash of ``kind`` ("user", "device" or "ip"), "" when not known."""
         hashed = self._hashed.get(kind)
         if hashed is None:
-            raw = self._raw[kind]
-            hashed = self._hashing.hash(kind, normalise_ip(raw) if kind == "ip" else raw)
-            self._hashed[kind] = hashed
+            hashed = self._hashed[kind] = self._hashing.of(kind, self._raw[kind])
         return hashed
 
     @property
@@ -457,46 +480,39 @@ class Risk:
             return screening  # refused already: the attempt is not worth a round trip
         return await self.screen_velocity(screening)
 
-    def script_keys(
-        self, activity_id: str, screening: Screening, velocity: bool = False
-    ) -> list[str]:
-        """KEYS appended to reserve_stock.lua's from RISK_KEYS (with ``velocity``, the
-        counters the script counts this attempt on, after them)."""
-        found = keys.risk_reserve_keys(activity_id, screening.subject.device)
-        if velocity:
-            subject = screening.subject
-            found += [
-                keys.velocity(kind, subject.of(kind)) for kind in self._velocity_kinds(subject)
-            ]
-        return found
+    def script_parts(
+        self, space: str, activity_id: str, screening: Screening, velocity: bool = False
+    ) -> tuple[list[str], list[str | int]]:
+        """The KEYS and ARGV appended to reserve_stock.lua's at RISK_KEYS and RISK_ARGV.
 
-    def _velocity_kinds(self, subject: Subject) -> list[str]:
-        rules = self.rules
-        return [kind for kind in KINDS if rules.velocity(kind).on and subject.of(kind)]
-
-    def script_args(
-        self, activity_id: str, screening: Screening, velocity: bool = False
-    ) -> list[str | int]:
-        """ARGV appended to reserve_stock.lua's from RISK_ARGV (with ``velocity``, each
-        velocity rule to count in the script: on one Redis that saves the purchase a round
-        trip, where the gateway's own count (screen_velocity) would cost one)."""
+        ``space``: the activity's key space (its bucket's, when bucketed). With ``velocity``,
+        the counters the script counts this attempt on and their rules follow: on one Redis
+        that saves the purchase a round trip, where the gateway's own count
+        (screen_velocity) would cost one.
+        """
+        subject = screening.subject
+        device = subject.device
+        found = keys.risk_reserve_keys(space, device)
         rules = self.rules.for_activity(activity_id)
         devices, addresses = rules.device_accounts, rules.address_orders
         args: list[str | int] = [
             screening.argument(),
-            screening.subject.device,
+            device,
             devices.most if devices.on else 0,
             devices.script_mode(),
             addresses.most if addresses.on else 0,
             addresses.script_mode(),
         ]
         if velocity:
-            kinds = self._velocity_kinds(screening.subject)
-            args.append(len(kinds))
-            for kind in kinds:
-                rule = self.rules.velocity(kind)
-                args += [f"{kind}_velocity", rule.script_mode(), rule.window_s * 1000, rule.most]
-        return args
+            counted = [
+                (kind, arguments, subject.of(kind)) for kind, arguments in self.file.velocity
+            ]
+            counted = [entry for entry in counted if entry[2]]
+            args.append(len(counted))
+            for kind, arguments, hashed in counted:
+                found.append(keys.velocity(kind, hashed))
+                args += arguments
+        return found, args
 
     def record(
         self,

@@ -195,6 +195,10 @@ class Stock:
         self._idempotency_ttl_s = idempotency_ttl_s
         self.buckets = buckets.Buckets(client, scripts)
 
+    async def close(self) -> None:
+        """Finish the script calls in flight and close their connections."""
+        await self._coalescer.close()
+
     async def reserve(
         self,
         activity_id: str,

@@ -54,7 +54,7 @@ class OrderService:
             consumer=w.consumer or None,
         )
         scripts = Scripts.from_dir()
-        stock = Stock(
+        stock = self._stock = Stock(
             client,
             scripts,
             Coalescer(client, max_batch=64, in_flight=2),
@@ -138,4 +138,5 @@ class OrderService:
                 log.warning("backlog not fully written in %.1fs; it waits in Redis", final_drain_s)
             except Exception as exc:  # the stop must complete whatever Redis or the store say
                 log.warning("final drain stopped early (%r); the rest waits in Redis", exc)
+        await self._stock.close()
         log.info("order writer %s stopped", self.writer.consumer)

@@ -71,6 +71,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         # not fatal: /readyz says 503 and scripts load on first NOSCRIPT once Redis is back
         log.warning("Redis unreachable at start; the gateway answers 503 until it is back")
     yield
+    await services.stock.close()
     await connections.close(services.redis)
 
 

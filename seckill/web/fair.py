@@ -72,7 +72,7 @@ async def register(request: web.Request) -> web.Response:
             activity.id,
             user_id,
             screening.subject.device,
-            (risk.script_keys(activity.id, screening), risk.script_args(activity.id, screening)),
+            risk.script_parts(activity.id, activity.id, screening),
         )
     except CONNECTION_ERRORS as exc:
         raise RedisUnavailable() from exc

@@ -44,16 +44,26 @@ async def _entry(services: Services, activity_id: str) -> Entry:
 def _order_accepted(
     activity_id: str, order_id: str, quantity: int, expires_at_ms: int, replayed: bool
 ) -> web.Response:
-    response = web.json_response(
-        {
-            "order_id": order_id,
-            "activity_id": activity_id,
-            "quantity": quantity,
-            "status": "reserved",
-            "expires_at": clock.to_rfc3339(expires_at_ms),
-        },
-        status=202,
-    )
+    expires_at = clock.to_rfc3339(expires_at_ms)
+    if keys.ORDER_ID_PATTERN.fullmatch(order_id):
+        # every value is of a shape JSON needs no escape for (ids of [A-Za-z0-9_.-], an
+        # integer, an RFC 3339 time): spelled as json.dumps spells it, without its encoder
+        text = (
+            f'{{"order_id": "{order_id}", "activity_id": "{activity_id}", '
+            f'"quantity": {quantity}, "status": "reserved", "expires_at": "{expires_at}"}}'
+        )
+        response = web.Response(text=text, status=202, content_type="application/json")
+    else:  # pragma: no cover - every order id seckill mints matches
+        response = web.json_response(
+            {
+                "order_id": order_id,
+                "activity_id": activity_id,
+                "quantity": quantity,
+                "status": "reserved",
+                "expires_at": expires_at,
+            },
+            status=202,
+        )
     response.headers["Location"] = f"/api/v1/orders/{order_id}"
     response[OUTCOME] = "ok"
     if replayed:
