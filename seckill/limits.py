@@ -8,6 +8,7 @@ not parse or validate is counted and logged, and the rules in force stay as they
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import tomllib
@@ -34,6 +35,9 @@ class Rule:
 
     def redis_limits(self, factor: float = 1.0) -> Limits:
         """The buckets the reserve script takes tokens from (admission scaled by the flag)."""
+        return _redis_limits(self, factor)
+
+    def _redis_limits(self, factor: float) -> Limits:
         admission = self.admission_rate_per_s * factor
         return Limits(
             user_rate=self.user_rate_per_s,
@@ -45,6 +49,9 @@ class Rule:
             shadow=self.shadow,
         )
 
+
+# (rule, admission factor) -> its Limits: the same few per sale, built once each
+_redis_limits = functools.lru_cache(maxsize=1024)(Rule._redis_limits)
 
 _FIELDS = {f.name: f.type for f in dataclasses.fields(Rule)}
 

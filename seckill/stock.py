@@ -134,20 +134,28 @@ _RISK_ARGV = 22
 RetiredLookup = Callable[[str], Awaitable[OrderRecord | None]]
 
 
-@contextlib.contextmanager
-def _refused_when_full() -> Iterator[None]:
+def _full(exc: redis_errors.ResponseError) -> Overloaded | None:
     """Redis at maxmemory (noeviction) refuses writes: fail closed with a 503, lose nothing.
 
     The scripts check before they write, so a refused write changed nothing; reads (a replay,
-    sold_out) still answer.
+    sold_out) still answer. None for any other error reply (raised as it is).
     """
+    # redis-py names the OOM reply OutOfMemoryError (and strips its prefix)
+    if isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM"):
+        return Overloaded("the stock service is full, retry later", retry_after=2)
+    return None
+
+
+@contextlib.contextmanager
+def _refused_when_full() -> Iterator[None]:
+    """_full for the calls in its block."""
     try:
         yield
     except redis_errors.ResponseError as exc:
-        # redis-py names the OOM reply OutOfMemoryError (and strips its prefix)
-        if isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM"):
-            raise Overloaded("the stock service is full, retry later", retry_after=2) from exc
-        raise
+        full = _full(exc)
+        if full is None:
+            raise
+        raise full from exc
 
 
 def payment_hash(event_id: str, order_id: str, amount_cents: int, success: bool) -> str:
@@ -251,10 +259,15 @@ class Stock:
             if risk is not None:
                 args += [""] * (_RISK_ARGV - 1 - len(args))  # ARGV[14..21] at their defaults
                 args += risk[1]
-            with _refused_when_full():
+            try:  # not the context manager: a generator per order on the storm's path
                 reply = await self._coalescer.call(
                     self._scripts.reserve_stock, script_keys, args, _holds_an_order
                 )
+            except redis_errors.ResponseError as exc:
+                full = _full(exc)
+                if full is None:
+                    raise
+                raise full from exc
             hits: tuple[tuple[str, str], ...] = ()
             if isinstance(reply[-1], list) and reply[-1][:1] == [b"risk"]:
                 hits = risk_hits(reply[-1])
