@@ -359,7 +359,7 @@ def run(
             # warm every gateway's token cache and sold-out mark as a live sale would have, and
             # its purchase path (Redis's first growth of the sale's keys is not the steady state)
             for name in ("one", "two", "plain"):
-                for path in (gone, buy):
+                for path in (gone,) if quick else (gone, buy):
                     wrk("warm-up", url[name], path, 64, 2 if quick else 5, tokens)
             headline = ("bare aiohttp+uvloop handler", "sold-out fast path",
                         "purchase (reserve_stock.lua)")  # fmt: skip
