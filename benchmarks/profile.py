@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,14 +61,17 @@ def record(pid: int, base: str, path: str, seconds: int, tokens: Path, out: Path
     load.wait(60)
 
 
-def summary(raw: Path, top: int = 25) -> list[str]:
-    """The frames with the most samples of their own, with their inclusive share."""
+def summary(raw: Path, top: int = 30) -> list[str]:
+    """The functions with the most samples of their own, with their inclusive share.
+
+    By function, not by line: a coroutine's samples land on whichever line it was resumed at.
+    """
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
         n = int(count)
         total += n
         own[frames[-1]] += n
@@ -94,7 +98,10 @@ def main() -> None:
     tokens = work / "tokens.txt"
     tokens.write_text("".join(f"Bearer {auth.mint(f'b{i}', 7200)}\n" for i in range(20_000)))
     tree = _tree(args.ref, work) if args.ref else ROOT
-    report = [f"# py-spy profile: {args.label} ({args.ref or 'working tree'})", ""]
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.ref or "HEAD"],
+                            capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    where = f"{args.ref} ({commit})" if args.ref else f"the working tree at {commit}"
+    report = [f"# py-spy profile: {args.label}, {where}", ""]
     try:
         with contextlib.ExitStack() as stack:
             redis = EmbeddedRedis(work / "redis", appendfsync="everysec")

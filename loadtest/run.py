@@ -25,6 +25,7 @@ import argparse
 import glob
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -283,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for worker in workers:
             worker.wait(60)
+        # the largest locust process's peak (ru_maxrss of the children waited for, in KiB)
+        peak_rss_mb = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
         if locust.returncode not in (0, 1):  # 1: some requests failed, judged below
             print(locust.stderr[-3000:], file=sys.stderr)
             return 2
@@ -317,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             draw_verified=None if draw is None else bool(draw.get("verified")),
         )
         print(render(verdict, report, stats, outcomes, reached, args.users, fairness, draw))
+        print(
+            f"load generator peak RSS: {peak_rss_mb:,} MB (largest locust process); "
+            f"wall time: {time.monotonic() - began:.0f} s"
+        )
         if fairness.shoppers:
             print(
                 f"shoppers answered: {answered:,} of {fairness.shoppers:,}"
@@ -336,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                     "draw": draw,
                     "shoppers_answered": answered,
                     "wall_time_s": round(time.monotonic() - began, 1),
+                    "load_generator_peak_rss_mb": peak_rss_mb,
                     "fairness": {
                         "shoppers": fairness.shoppers,
                         "bots": fairness.bots,

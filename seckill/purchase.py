@@ -124,7 +124,6 @@ def decide(
     if not gate and entry.over_ceiling:
         gate = "overloaded"
     risk = services.risk
-    screening = risk.screen_locally(risk.subject(user_id, device, remote))
     rule = services.limits.for_activity(activity_id)
     factor = switches.value("admission.factor")
     if entry.sold_out_for(user_id, terms.sku_id):
@@ -134,14 +133,17 @@ def decide(
         # and turns are not asked: once sold out, it is sold out for everyone holding nothing.
         if gate:
             return _ANSWERED[GATES[gate]]
-        if screening.hits:
-            risk.record(activity_id, screening.subject, screening.hits)
-        if screening.refused:
-            return _ANSWERED[_RISK_REFUSED]
+        if not risk.denies_nobody:  # else no subject is even hashed
+            screening = risk.screen_locally(risk.subject(user_id, device, remote))
+            if screening.hits:
+                risk.record(activity_id, screening.subject, screening.hits)
+            if screening.refused:
+                return _ANSWERED[_RISK_REFUSED]
         wait = services.limits.admit(activity_id, rule, factor)
         if wait:
             return Decision(limited=(wait, rule.admission_burst))
         return _ANSWERED[_ENDED if clock.now_ms() >= activity.ends_at_ms else _SOLD_OUT]
+    screening = risk.screen_locally(risk.subject(user_id, device, remote))
     return _reserve(
         services, entry, user_id, order, idempotency_key, remote, terms, gate, screening, rule
     )

@@ -409,6 +409,11 @@ class Risk:
     def subject(self, user_id: str, device_id: str, remote: str | None) -> Subject:
         return self.hashing.subject(user_id, device_id, remote)
 
+    @property
+    def denies_nobody(self) -> bool:
+        """Whether screen_locally can only find no hits (the rule off, or nobody listed)."""
+        return not self.rules.deny.on or self.deny.empty
+
     def screen_locally(self, subject: Subject) -> Screening:
         """The deny list (local, no Redis): a Screening with its hits."""
         rule = self.rules.deny

@@ -81,7 +81,7 @@ async def answer(
     services: Services,
     request: web.Request,
     route: str,
-    handler: Callable[..., Awaitable[web.StreamResponse]],
+    handler: Callable[..., Awaitable[web.StreamResponse] | web.StreamResponse],
     *args: Any,
 ) -> web.StreamResponse:
     """``await handler(*args)`` as the error middleware runs it: shedding, the in-flight count,
@@ -104,7 +104,9 @@ async def answer(
     started = time.perf_counter()
     # the handler is awaited here, not in a helper coroutine: one frame less per request
     try:
-        response = await handler(*args)
+        # a handler may answer without a coroutine (the order lane's sold-out answer)
+        answered = handler(*args)
+        response = answered if isinstance(answered, web.StreamResponse) else await answered
         metrics.count(route, response.get(OUTCOME, "ok"))
     except SeckillError as exc:
         metrics.count(route, exc.code)

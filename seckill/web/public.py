@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +20,7 @@ from seckill.errors import (
 from seckill.limits import retry_after_s
 from seckill.orders.record import OrderRecord
 from seckill.orders.store import StoreUnavailable
-from seckill.skus import order_request
+from seckill.skus import OrderRequest, order_request
 from seckill.stock import Outcome, Payment, Release, payment_hash
 from seckill.web.bodies import body_now, parse_json, read_limited
 from seckill.web.middlewares import OUTCOME, refusal
@@ -93,29 +94,86 @@ def device_id(request: web.Request) -> str:
 @routes.post("/api/v1/activities/{activity_id}/orders", name="order_create")
 async def create_order(request: web.Request) -> web.Response:
     """Reserve stock for the caller (the lane in web/lane.py takes most of these first)."""
-    return await place_order(request.app[SERVICES], request, request.match_info["activity_id"])
+    placed = place_order(request.app[SERVICES], request, request.match_info["activity_id"])
+    return placed if isinstance(placed, web.Response) else await placed
 
 
-async def place_order(services: Services, request: web.Request, activity_id: str) -> web.Response:
-    """The order POST: the request's shape here, the decision in purchase.py."""
+def place_order(
+    services: Services, request: web.Request, activity_id: str
+) -> web.Response | Coroutine[None, None, web.Response]:
+    """The order POST: the request's shape here, the decision in purchase.py.
+
+    The response itself when this process answers alone (a bad request, the sold-out fast
+    path: no coroutine for the storm's common case), else the coroutine that finishes it.
+    """
     user_id, tier = services.users.user(request.headers.get("Authorization"))
     limit = services.settings.server.max_body_bytes
     raw = body_now(request, limit)
     if raw is None:  # still arriving: wait for it under the body deadline
-        raw = await read_limited(request, limit)
+        return _place_order_later(services, request, activity_id, user_id, tier)
+    return _placed(services, request, activity_id, user_id, tier, raw)
+
+
+async def _place_order_later(
+    services: Services, request: web.Request, activity_id: str, user_id: str, tier: str
+) -> web.Response:
+    raw = await read_limited(request, services.settings.server.max_body_bytes)
+    placed = _placed(services, request, activity_id, user_id, tier, raw)
+    return placed if isinstance(placed, web.Response) else await placed
+
+
+def _placed(
+    services: Services,
+    request: web.Request,
+    activity_id: str,
+    user_id: str,
+    tier: str,
+    raw: bytes,
+) -> web.Response | Coroutine[None, None, web.Response]:
     order = order_request(raw)
     idempotency_key = request.headers.get("Idempotency-Key", "")
     if not keys.IDEMPOTENCY_KEY_PATTERN.fullmatch(idempotency_key):
         raise InvalidRequest("Idempotency-Key header must be 1-64 characters of [A-Za-z0-9_-]")
     device = device_id(request)
-
     # cached (the storm's case): no coroutine, no id check (only valid ids are ever cached)
-    entry = services.catalog.entries().get(activity_id) or await _entry(services, activity_id)
+    entry = services.catalog.entries().get(activity_id)
+    if entry is None:
+        return _decided_uncached(services, activity_id, user_id, tier, order, idempotency_key,
+                                 device, request.remote)  # fmt: skip
     decision = purchase.decide(
         services, entry, user_id, tier, order, idempotency_key, device, request.remote
     )
+    if isinstance(decision, purchase.Decision):
+        return _answer(activity_id, decision)
+    return _answer_when(activity_id, decision)
+
+
+async def _decided_uncached(
+    services: Services,
+    activity_id: str,
+    user_id: str,
+    tier: str,
+    order: OrderRequest,
+    idempotency_key: str,
+    device: str,
+    remote: str | None,
+) -> web.Response:
+    entry = await _entry(services, activity_id)
+    decision = purchase.decide(
+        services, entry, user_id, tier, order, idempotency_key, device, remote
+    )
     if not isinstance(decision, purchase.Decision):
         decision = await decision
+    return _answer(activity_id, decision)
+
+
+async def _answer_when(
+    activity_id: str, deciding: Coroutine[None, None, purchase.Decision]
+) -> web.Response:
+    return _answer(activity_id, await deciding)
+
+
+def _answer(activity_id: str, decision: purchase.Decision) -> web.Response:
     reservation = decision.reservation
     if reservation is not None:
         return _order_accepted(
