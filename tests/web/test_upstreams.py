@@ -75,7 +75,9 @@ async def test_a_failing_upstream_opens_its_breaker_serves_the_last_good_and_rec
     assert all(a["degraded"] is True and a["items"] == good["items"] for a in answers)
     breaker = gateway.server.app[SERVICES].upstreams["reviews"].breaker
     assert breaker.state == "open"
-    assert fake.hits == 1 + 3, "once open, the upstream is not called any more"
+    # at most the 3 failures that opened it reached the upstream (a "slow" call abandoned at
+    # 0.2 s may never have reached it on a busy machine); the other 3 answers did not call it
+    assert fake.hits <= 1 + 3, "once open, the upstream is not called any more"
 
     fake.mode = "ok"
     await asyncio.sleep(0.6)  # reset timeout: the next call is the probe
