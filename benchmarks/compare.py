@@ -57,6 +57,31 @@ def _activities(base: str, admin: str) -> None:
         }, admin)  # fmt: skip
 
 
+def gateway(
+    stack: contextlib.ExitStack, work: Path, tree: Path, label: str, admin: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`seckill serve` from ``tree`` on a private redis-server, with the activities "buy"
+    (stock for the whole run) and "gone" (sold out) defined: its process and base URL."""
+    redis = EmbeddedRedis(work / f"redis-{label}", appendfsync="everysec")
+    redis.start()
+    stack.callback(redis.stop)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
+    env.update(
+        PYTHONPATH=str(tree),
+        SECKILL_DEV="1",
+        SECKILL_REDIS_URL=redis.url,
+        SECKILL_DATABASE_URL=f"sqlite:///{work / f'{label}.db'}",
+    )
+    command = [sys.executable, "-m", "seckill", "--log-level", "WARNING", "serve",
+               "--port", str(port)]  # fmt: skip
+    child = stack.enter_context(process(command, env, tree))
+    base = f"http://127.0.0.1:{port}"
+    _wait_http(f"{base}/healthz")
+    _activities(base, admin)
+    return child, base
+
+
 def run(
     baseline: str, seconds: float, repeat: int, connections: int, after: str | None = None
 ) -> dict[str, Any]:
@@ -78,23 +103,7 @@ def run(
             bare = f"http://127.0.0.1:{bare_port}"
             gateways: dict[str, str] = {}
             for label, tree in trees.items():
-                redis = EmbeddedRedis(work / f"redis-{label}", appendfsync="everysec")
-                redis.start()
-                stack.callback(redis.stop)
-                port = free_port()
-                env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
-                env.update(
-                    PYTHONPATH=str(tree),
-                    SECKILL_DEV="1",
-                    SECKILL_REDIS_URL=redis.url,
-                    SECKILL_DATABASE_URL=f"sqlite:///{work / f'{label}.db'}",
-                )
-                command = [sys.executable, "-m", "seckill", "--log-level", "WARNING", "serve",
-                           "--port", str(port)]  # fmt: skip
-                stack.enter_context(process(command, env, tree))
-                gateways[label] = f"http://127.0.0.1:{port}"
-                _wait_http(f"{gateways[label]}/healthz")
-                _activities(gateways[label], settings.admin.token)
+                _, gateways[label] = gateway(stack, work, tree, label, settings.admin.token)
             _wait_http(bare)
             buy, gone = "/api/v1/activities/buy/orders", "/api/v1/activities/gone/orders"
             for base in gateways.values():

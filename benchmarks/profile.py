@@ -28,11 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.compare import _activities, _tree  # noqa: E402
-from benchmarks.run import WRK_SCRIPT, _wait_http, process, wrk  # noqa: E402
+from benchmarks.compare import _tree, gateway  # noqa: E402
+from benchmarks.run import WRK_SCRIPT, wrk  # noqa: E402
 from seckill import settings as settings_module  # noqa: E402
 from seckill.auth import UserAuth  # noqa: E402
-from seckill.embedded import EmbeddedRedis, free_port  # noqa: E402
 
 PATHS = {"sold-out": "/api/v1/activities/gone/orders", "purchase": "/api/v1/activities/buy/orders"}
 
@@ -104,28 +103,12 @@ def main() -> None:
     report = [f"# py-spy profile: {args.label}, {where}", ""]
     try:
         with contextlib.ExitStack() as stack:
-            redis = EmbeddedRedis(work / "redis", appendfsync="everysec")
-            redis.start()
-            stack.callback(redis.stop)
-            port = free_port()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("SECKILL_")}
-            env.update(
-                PYTHONPATH=str(tree),
-                SECKILL_DEV="1",
-                SECKILL_REDIS_URL=redis.url,
-                SECKILL_DATABASE_URL=f"sqlite:///{work / 'orders.db'}",
-            )
-            command = [sys.executable, "-m", "seckill", "--log-level", "WARNING", "serve",
-                       "--port", str(port)]  # fmt: skip
-            gateway = stack.enter_context(process(command, env, tree))
-            base = f"http://127.0.0.1:{port}"
-            _wait_http(f"{base}/healthz")
-            _activities(base, settings.admin.token)
+            served, base = gateway(stack, work, tree, args.label, settings.admin.token)
             for name, path in PATHS.items():
                 wrk("warm-up", base, path, 64, 3, tokens)
                 load = wrk(name, base, path, 64, 5, tokens)
                 raw = args.out / f"{args.label}-{name}.txt"
-                record(gateway.pid, base, path, args.seconds * 2, tokens, raw)
+                record(served.pid, base, path, args.seconds * 2, tokens, raw)
                 report += [
                     f"## {name} ({path})",
                     "",

@@ -25,7 +25,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -244,37 +243,7 @@ def _redis_benchmark(port: int, sha: str, seconds: float) -> dict[str, Any]:
     }
 
 
-def _profile(pid: int, base: str, path: str, seconds: float, tokens: Path) -> list[list[Any]]:
-    """py-spy on a gateway while wrk drives the purchase path: the 25 hottest frames."""
-    if shutil.which("py-spy") is None and not (Path(sys.executable).parent / "py-spy").exists():
-        return [["py-spy not installed (pip install py-spy)", 0.0]]
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    raw = Path(tempfile.mkdtemp()) / "profile.txt"
-    env = {**os.environ, "SECKILL_TOKENS": str(tokens), "SECKILL_PATH": path}
-    load = subprocess.Popen(
-        ["wrk", "-t1", "-c64", f"-d{max(2, round(seconds)) + 2}s", "-s", str(WRK_SCRIPT), base],
-        env=env, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    time.sleep(1)
-    subprocess.run(
-        [spy, "record", "-p", str(pid), "-d", str(max(2, round(seconds))), "-r", "200", "-f",
-         "raw", "-o", str(raw), "--nonblocking"],
-        capture_output=True, timeout=120,
-    )  # fmt: skip
-    load.wait(60)
-    inclusive: Counter[str] = Counter()
-    total = 0
-    for line in raw.read_text().splitlines() if raw.exists() else []:
-        stack, _, count = line.rpartition(" ")
-        total += int(count)
-        for frame in set(stack.split(";")):
-            inclusive[frame] += int(count)
-    return [[frame, round(100 * n / total, 1)] for frame, n in inclusive.most_common(40)][10:35]
-
-
-def run(
-    seconds: float, connection_counts: list[int], quick: bool, repeat: int, profile: bool = False
-) -> dict[str, Any]:
+def run(seconds: float, connection_counts: list[int], quick: bool, repeat: int) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("benchmarks need wrk (Debian: apt-get install wrk)")
     work = Path(tempfile.mkdtemp(prefix="seckill-bench-"))
@@ -332,10 +301,8 @@ def run(
                     {},
                 ),
             }
-            children = {
-                name: stack.enter_context(process(command, {**env, **extra_env}, work))
-                for name, (command, extra_env) in commands.items()
-            }
+            for command, extra_env in commands.values():
+                stack.enter_context(process(command, {**env, **extra_env}, work))
             gateways = ("one", "two", "shed", "plain")
             for name in url:
                 _wait_http(f"{url[name]}/healthz" if name in gateways else url[name])
@@ -407,14 +374,6 @@ def run(
             )
             control.close()
             extras["naive_select_oversold"] = _select_oversold(postgres_url, stock)
-            if profile:
-                extras["profiles"] = {
-                    label: _profile(children[name].pid, url[name], buy, seconds, tokens)
-                    for label, name in (
-                        ("after: coalesced pipelines", "one"),
-                        ("before: one script call per round trip", "plain"),
-                    )
-                }
             for (_name, connections), runs in samples.items():
                 bare_runs = samples[("bare aiohttp+uvloop handler", connections)]
                 # ratio within each round (same machine conditions), then the median of those
@@ -524,9 +483,6 @@ def markdown(report: dict[str, Any]) -> str:
             f"keys): {bench['requests_per_s']:,.0f} scripts/s, p50 {bench['p50_ms']} ms "
             "(the Redis ceiling).",
         ]
-    for label, frames in extras.get("profiles", {}).items():
-        lines += ["", f"py-spy, purchase path, {label} (share of samples, inclusive):", ""]
-        lines += [f"- {share:5.1f}% `{frame}`" for frame, share in frames]
     lines += ["", "| target | this run | met |", "|---|---|---|"]
     for name, value, met in targets(report):
         lines.append(f"| {name} | {value} | {'yes' if met else '**not met**'} |")
@@ -538,12 +494,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each wrk run")
     parser.add_argument("--quick", action="store_true", help="a smoke of the harness")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (median)")
-    parser.add_argument("--profile", action="store_true", help="py-spy the purchase path")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else args.seconds
     connections = [64] if args.quick else [64, 256]
-    report = run(seconds, connections, args.quick, 1 if args.quick else args.repeat, args.profile)
+    report = run(seconds, connections, args.quick, 1 if args.quick else args.repeat)
     table = markdown(report)
     print(table)
     if not args.quick:
