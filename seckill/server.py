@@ -24,13 +24,14 @@ import uvloop
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from seckill.metrics import Metrics
 from seckill.orders.service import OrderService
 from seckill.settings import ServerSettings, Settings
 from seckill.web.app import create_app, create_ops_app
+from seckill.web.lane import ProtocolLane
 from seckill.web.state import SERVICES, Services
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ _RAW_431 = (
     % (len(_HEADERS_TOO_LARGE), _HEADERS_TOO_LARGE)
 )
 _TRACEBACK_EVERY_S = 10.0
+# bytes a pipelining client may send while the protocol lane answers its request, before the
+# connection stops being read until the answer is out
+_HELD_MAX = 64 * 1024
 
 
 class Edge:
@@ -71,6 +75,8 @@ class Edge:
             "bad_request": 0,
         }
         self._last_traceback = 0.0
+        # answers order POSTs on the connections' own protocol (web/lane.py); None: aiohttp does
+        self.lane: ProtocolLane | None = None
 
     def handler_kwargs(self) -> dict[str, Any]:
         """aiohttp's own limits: per line, per field, field count, keep-alive."""
@@ -125,6 +131,11 @@ class EdgeProtocol(RequestHandler):
         self._header_bytes = 0
         self._last_payload: StreamReader | None = None
         self._header_timer: asyncio.TimerHandle | None = None
+        # the protocol lane's request in progress, and what arrived meanwhile
+        self._lane_task: asyncio.Task[bytes] | None = None
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._held_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -173,6 +184,97 @@ class EdgeProtocol(RequestHandler):
             self.force_close()
 
     def data_received(self, data: bytes) -> None:
+        if self._lane_task is not None:
+            self._hold(data)  # the lane is answering this connection's request: in order
+            return
+        waiter = self._waiter
+        lane = self._edge.lane
+        if lane is None or waiter is None or waiter.done() or self._messages:
+            self._received(data)  # aiohttp's loop is busy (or not started): its request
+            return
+        # aiohttp's loop is idle, waiting for a request: held back while the protocol lane
+        # looks at what this read brought
+        self._waiter = None
+        try:
+            self._received(data)
+        finally:
+            self._waiter = waiter
+        if self._force_close or self._close:
+            waiter.cancel()  # what close() and force_close() do to the loop's waiter
+            return
+        messages = self._messages
+        if len(messages) == 1 and not isinstance(messages[0][0], _ErrInfo):
+            message, payload = messages[0]
+            answered = lane.take(message, payload, self._peer)  # type: ignore[arg-type]
+            if answered is not None:
+                messages.popleft()
+                if self._parser is not None:
+                    self._parser.message_consumed()
+                if self._manager is not None:
+                    self._manager.requests_count += 1
+                if isinstance(answered, bytes):
+                    self._lane_write(answered, lane.draining)
+                else:
+                    # answered in turn: what arrives meanwhile waits (pipelining keeps order)
+                    self._lane_task = answered
+                    self._request_in_progress = True  # a graceful shutdown waits for it
+                    answered.add_done_callback(self._lane_done)
+                return
+        if messages:
+            waiter.set_result(None)
+
+    def _lane_write(self, answer: bytes, closing: bool) -> None:
+        """Write a lane's answer; the connection stays open under the keep-alive timer."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the client left: nobody to answer
+        if closing:
+            # as the error middleware does while the process drains
+            transport.write(answer.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+            self.force_close()
+            return
+        transport.write(answer)
+        self._keepalive = True
+        close_time = self._loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+
+    def _lane_done(self, task: asyncio.Task[bytes]) -> None:
+        self._lane_task = None
+        self._request_in_progress = False
+        if self._handler_waiter is not None and not self._handler_waiter.done():
+            self._handler_waiter.set_result(None)
+        if task.cancelled():
+            return
+        lane = self._edge.lane
+        self._lane_write(task.result(), lane is not None and lane.draining)
+        held, self._held = self._held, []
+        if self._held_paused:
+            self._held_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+        if held and self.transport is not None:
+            self.data_received(b"".join(held))
+
+    def _hold(self, data: bytes) -> None:
+        self._held.append(data)
+        self._held_bytes = sum(len(chunk) for chunk in self._held)
+        if self._held_bytes > _HELD_MAX and not self._held_paused and self.transport is not None:
+            self._held_paused = True
+            self.transport.pause_reading()
+
+    def _process_keepalive(self) -> None:
+        if self._lane_task is not None:
+            # a request in progress is not an idle connection: look again later
+            self._keepalive_handle = self._loop.call_later(
+                self._keepalive_timeout, self._process_keepalive
+            )
+            return
+        super()._process_keepalive()
+
+    def _received(self, data: bytes) -> None:
+        # aiohttp's parsing, under the header budget
         payload = self._last_payload
         # bytes count against the header budget only while no body is being received
         awaiting_headers = payload is None or payload.is_eof()
@@ -297,6 +399,9 @@ async def serve_until_signal(
     edge = Edge(settings.server)
     edge.max_connections = min(edge.max_connections, _connection_ceiling())
     edge.add_metrics(app[SERVICES].metrics)
+    # the lane writes answers itself: only while nothing hooks into aiohttp's responses
+    if not app.on_response_prepare and settings.server.order_lane:
+        edge.lane = ProtocolLane(app[SERVICES])
     runner = web.AppRunner(
         app,
         access_log=None,  # a storm of access lines would cost more than the requests
@@ -310,7 +415,6 @@ async def serve_until_signal(
         settings.server.port,
         reuse_port=reuse_port or None,
         backlog=4096,
-        shutdown_timeout=settings.server.shutdown_timeout_s,
     )
     await site.start()
     ops_runner = await _start_ops(app, settings, reuse_port)

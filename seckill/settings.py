@@ -48,6 +48,8 @@ class ServerSettings:
     max_connections_per_peer: int
     ops_host: str
     ops_port: int
+    # order POSTs answered by the connection's protocol (web/lane.py); off: by aiohttp's loop
+    order_lane: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -57,7 +57,7 @@ async def register(request: web.Request) -> web.Response:
             raise InvalidRequest("body must be empty or a JSON object")
         if body:
             raise InvalidRequest(f"unknown field: {sorted(body)[0]}")
-    device = device_id(request)
+    device = device_id(request.headers)
     entry = await _entry(services, request.match_info["activity_id"])
     activity = entry.activity
     # risk rules apply as on the purchase: deny list and velocity here, accounts per device in

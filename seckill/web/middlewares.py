@@ -23,7 +23,7 @@ _TRACEBACK_EVERY_S = 10.0
 _last_traceback: dict[str, float] = {}
 
 _NEVER_SHED = frozenset({"healthz", "readyz", "metrics"})  # route names
-_SHED = Overloaded("too many requests in flight, retry later", retry_after=1)
+SHED = Overloaded("too many requests in flight, retry later", retry_after=1)
 
 # set on a returned (not raised) error response so the outcome is counted by its code
 OUTCOME: web.ResponseKey[str] = web.ResponseKey("seckill.outcome", str)
@@ -92,7 +92,7 @@ async def answer(
         # load shedding: a pre-encoded answer, before auth, parsing or any Redis call
         services.shed += 1
         services.metrics.count(route, "shed")
-        return refusal(_SHED)
+        return refusal(SHED)
     # a request counts in flight once its body is in (no body, or it came with the headers);
     # one still receiving its body is counted by read_limited when it arrives (web/bodies.py)
     counted = request.content.is_eof()

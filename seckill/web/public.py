@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -72,7 +72,8 @@ def _order_accepted(
     return response
 
 
-def _rate_limited(wait_s: float, burst: float) -> web.Response:
+def rate_limited(wait_s: float, burst: float) -> web.Response:
+    """429 with Retry-After and the RateLimit-* headers of a bucket of ``burst``."""
     seconds = retry_after_s(wait_s)
     response = refusal(RateLimited(retry_after=seconds))
     response.headers["RateLimit-Limit"] = str(max(int(burst), 1))
@@ -81,9 +82,9 @@ def _rate_limited(wait_s: float, burst: float) -> web.Response:
     return response
 
 
-def device_id(request: web.Request) -> str:
+def device_id(headers: Mapping[str, str]) -> str:
     """The optional X-Device-Id ("" when absent); InvalidRequest when malformed."""
-    device = request.headers.get("X-Device-Id")
+    device = headers.get("X-Device-Id")
     if device is None:
         return ""
     if not keys.IDEMPOTENCY_KEY_PATTERN.fullmatch(device):
@@ -93,7 +94,7 @@ def device_id(request: web.Request) -> str:
 
 @routes.post("/api/v1/activities/{activity_id}/orders", name="order_create")
 async def create_order(request: web.Request) -> web.Response:
-    """Reserve stock for the caller (the lane in web/lane.py takes most of these first)."""
+    """Reserve stock for the caller (the lanes in web/lane.py take most of these first)."""
     placed = place_order(request.app[SERVICES], request, request.match_info["activity_id"])
     return placed if isinstance(placed, web.Response) else await placed
 
@@ -111,41 +112,51 @@ def place_order(
     raw = body_now(request, limit)
     if raw is None:  # still arriving: wait for it under the body deadline
         return _place_order_later(services, request, activity_id, user_id, tier)
-    return _placed(services, request, activity_id, user_id, tier, raw)
+    decision = order_decision(
+        services, request.headers, request.remote, activity_id, user_id, tier, raw
+    )
+    if isinstance(decision, purchase.Decision):
+        return answer_of(activity_id, decision)
+    return _answer_when(activity_id, decision)
 
 
 async def _place_order_later(
     services: Services, request: web.Request, activity_id: str, user_id: str, tier: str
 ) -> web.Response:
     raw = await read_limited(request, services.settings.server.max_body_bytes)
-    placed = _placed(services, request, activity_id, user_id, tier, raw)
-    return placed if isinstance(placed, web.Response) else await placed
+    decision = order_decision(
+        services, request.headers, request.remote, activity_id, user_id, tier, raw
+    )
+    if not isinstance(decision, purchase.Decision):
+        decision = await decision
+    return answer_of(activity_id, decision)
 
 
-def _placed(
+def order_decision(
     services: Services,
-    request: web.Request,
+    headers: Mapping[str, str],
+    remote: str | None,
     activity_id: str,
     user_id: str,
     tier: str,
     raw: bytes,
-) -> web.Response | Coroutine[None, None, web.Response]:
+) -> purchase.Decision | Coroutine[None, None, purchase.Decision]:
+    """An authenticated order POST whose body is in, decided: the Decision itself when this
+    process decides alone, else the coroutine that asks Redis. Raises for a bad request.
+
+    Both lanes and the router come here: the HTTP request object is not needed.
+    """
     order = order_request(raw)
-    idempotency_key = request.headers.get("Idempotency-Key", "")
+    idempotency_key = headers.get("Idempotency-Key", "")
     if not keys.IDEMPOTENCY_KEY_PATTERN.fullmatch(idempotency_key):
         raise InvalidRequest("Idempotency-Key header must be 1-64 characters of [A-Za-z0-9_-]")
-    device = device_id(request)
+    device = device_id(headers)
     # cached (the storm's case): no coroutine, no id check (only valid ids are ever cached)
     entry = services.catalog.entries().get(activity_id)
     if entry is None:
         return _decided_uncached(services, activity_id, user_id, tier, order, idempotency_key,
-                                 device, request.remote)  # fmt: skip
-    decision = purchase.decide(
-        services, entry, user_id, tier, order, idempotency_key, device, request.remote
-    )
-    if isinstance(decision, purchase.Decision):
-        return _answer(activity_id, decision)
-    return _answer_when(activity_id, decision)
+                                 device, remote)  # fmt: skip
+    return purchase.decide(services, entry, user_id, tier, order, idempotency_key, device, remote)
 
 
 async def _decided_uncached(
@@ -157,23 +168,24 @@ async def _decided_uncached(
     idempotency_key: str,
     device: str,
     remote: str | None,
-) -> web.Response:
+) -> purchase.Decision:
     entry = await _entry(services, activity_id)
     decision = purchase.decide(
         services, entry, user_id, tier, order, idempotency_key, device, remote
     )
     if not isinstance(decision, purchase.Decision):
         decision = await decision
-    return _answer(activity_id, decision)
+    return decision
 
 
 async def _answer_when(
     activity_id: str, deciding: Coroutine[None, None, purchase.Decision]
 ) -> web.Response:
-    return _answer(activity_id, await deciding)
+    return answer_of(activity_id, await deciding)
 
 
-def _answer(activity_id: str, decision: purchase.Decision) -> web.Response:
+def answer_of(activity_id: str, decision: purchase.Decision) -> web.Response:
+    """The routed answer to a decided order POST (web/wire.py spells the lane's as bytes)."""
     reservation = decision.reservation
     if reservation is not None:
         return _order_accepted(
@@ -184,7 +196,7 @@ def _answer(activity_id: str, decision: purchase.Decision) -> web.Response:
             replayed=reservation.outcome is Outcome.REPLAY,
         )
     if decision.limited is not None:
-        return _rate_limited(*decision.limited)
+        return rate_limited(*decision.limited)
     assert decision.error is not None
     return refusal(decision.error)
 
@@ -227,7 +239,7 @@ def _order_body(services: Services, record: OrderRecord) -> dict[str, Any]:
 def _order_rate_limited(services: Services, scope: str, user_id: str) -> web.Response | None:
     """429 when the user's order ``scope`` bucket (limits.toml [orders]) is empty."""
     wait, burst = services.limits.take_order(scope, user_id)
-    return _rate_limited(wait, burst) if wait else None
+    return rate_limited(wait, burst) if wait else None
 
 
 async def _own_order(services: Services, order_id: str, user_id: str) -> OrderRecord:
