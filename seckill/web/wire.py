@@ -100,15 +100,15 @@ class Answers:
             assert decision.limited is not None
             wait, burst = decision.limited
             # the answer depends on the whole seconds and the burst only (web/public.py)
-            shape = (retry_after_s(wait), max(int(burst), 1))
-            spelled = self._limited.get(shape)
+            seconds_and_burst = (retry_after_s(wait), max(int(burst), 1))
+            spelled = self._limited.get(seconds_and_burst)
             if spelled is None:
                 spelled = spell(public.rate_limited(wait, burst), "rate_limited")
                 if len(self._limited) < _KEPT_MAX:
-                    self._limited[shape] = spelled
+                    self._limited[seconds_and_burst] = spelled
             return spelled.bytes(self.dates.now()), spelled.outcome
         order_id = reservation.order_id
-        replayed = reservation.outcome is Outcome.REPLAY
+        replayed = "Idempotent-Replayed: true\r\n" if reservation.outcome is Outcome.REPLAY else ""
         if not keys.ORDER_ID_PATTERN.fullmatch(order_id):  # pragma: no cover - seckill's own
             response = public.answer_of(activity_id, decision)
             return spell(response, "ok").bytes(self.dates.now()), "ok"
@@ -120,7 +120,7 @@ class Answers:
         head = (
             "HTTP/1.1 202 Accepted\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Location: /api/v1/orders/{order_id}\r\n"
-            f"{'Idempotent-Replayed: true' + chr(13) + chr(10) if replayed else ''}"
+            f"{replayed}"
             f"Content-Length: {len(body)}\r\nDate: "
         ).encode()
         return head + self.dates.now() + _AFTER_DATE + body, "ok"
