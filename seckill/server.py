@@ -8,6 +8,7 @@ deadline is applied where a body is read (web/bodies.py), with the same settings
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import multiprocessing
@@ -435,6 +436,7 @@ async def serve_until_signal(
         orders_task = asyncio.create_task(
             orders.run(stop_orders, final_drain_s=settings.server.shutdown_timeout_s)
         )
+    settle_garbage_collector()  # everything is up: the rest is serving
     if on_ready is not None:
         on_ready(url)
 
@@ -514,6 +516,26 @@ async def _start_ops(
     await site.start()
     log.info("ops endpoints on http://%s:%d", settings.server.ops_host, settings.server.ops_port)
     return runner
+
+
+# the cycle collector's thresholds while serving: the youngest generation is collected every
+# GC_YOUNG net allocations (Python's default is 700), the older ones every 50 of the younger
+GC_YOUNG = 20_000
+
+
+def settle_garbage_collector() -> None:
+    """Once the gateway is up: what it holds from start-up leaves the cycle collector's view,
+    and young collections come less often.
+
+    Python's full collection walks every tracked object; with the app, its modules and caches
+    that is tens of milliseconds, a stall of every request in flight (the purchase path's p99
+    was 36 ms against 5 ms for the sold-out path, which allocates few tracked objects). Frozen
+    objects are never walked again (gc.freeze); cycles made while serving (an exception and
+    its traceback) are still collected by the young generations.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, 50, 50)
 
 
 def _connection_ceiling() -> int:

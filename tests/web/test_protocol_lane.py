@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -333,3 +334,11 @@ async def test_what_arrives_while_the_lane_waits_on_redis_is_answered_after_it(
     assert (first.status, second.status) == (202, 200)
     assert held, "the read arrived while the lane's purchase was in progress"
     assert gateway.routed == []
+
+
+async def test_a_serving_gateway_has_frozen_its_start_up_objects_out_of_the_collector(
+    gateway: Gateway,
+) -> None:
+    # full collections would walk the app and its caches: a stall of every request in flight
+    assert gc.get_freeze_count() > 0
+    assert gc.get_threshold()[0] == server.GC_YOUNG
