@@ -43,6 +43,7 @@ class Answer:
         return self.status, [(k, v) for k, v in self.headers if k != "Date"], self.body
 
 
+@contextlib.asynccontextmanager
 async def _start(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
     routed: list[str] = []
 
@@ -74,7 +75,7 @@ async def _start(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
 
 @pytest.fixture
 async def gateway(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
-    async for started in _start(settings.replace("server", keepalive_timeout_s=2.0), monkeypatch):
+    async with _start(settings.replace("server", keepalive_timeout_s=2.0), monkeypatch) as started:
         yield started
 
 
@@ -269,7 +270,7 @@ async def test_with_the_lane_off_aiohttp_answers_every_order(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gone = activity_body(stock=0)
-    async for gateway in _start(settings.replace("server", order_lane=False), monkeypatch):
+    async with _start(settings.replace("server", order_lane=False), monkeypatch) as gateway:
         async with _connect(gateway) as connection:
             await _admin(connection, settings, gone)
             await _warm(connection, gateway)
@@ -301,38 +302,42 @@ async def test_http_1_0_and_closing_requests_are_left_to_aiohttp(
 async def test_what_arrives_while_the_lane_waits_on_redis_is_answered_after_it(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, redis_server: EmbeddedRedis
 ) -> None:
-    held: list[int] = []
-    hold = server.EdgeProtocol._hold
+    taken, held = asyncio.Event(), asyncio.Event()
+    take, hold = lane.ProtocolLane.take, server.EdgeProtocol._hold
 
-    def counting(self: server.EdgeProtocol, data: bytes) -> None:
-        held.append(len(data))
+    def taking(self: lane.ProtocolLane, *args: Any) -> Any:
+        answered = take(self, *args)
+        if isinstance(answered, asyncio.Task):
+            taken.set()  # the lane waits on Redis for this one
+        return answered
+
+    def holding(self: server.EdgeProtocol, data: bytes) -> None:
+        held.set()
         hold(self, data)
 
-    monkeypatch.setattr(server.EdgeProtocol, "_hold", counting)
+    monkeypatch.setattr(lane.ProtocolLane, "take", taking)
+    monkeypatch.setattr(server.EdgeProtocol, "_hold", holding)
     live = activity_body(stock=10, per_user_limit=10)
-    patient = settings.replace("redis", socket_timeout_s=30.0)  # a stopped Redis is not down
-    async for gateway in _start(patient, monkeypatch):
-        async with _connect(gateway) as connection:
-            await _admin(connection, settings, live)
-            await _warm(connection, gateway)
-            pid = redis_server._process.pid  # type: ignore[union-attr]
-            os.kill(pid, signal.SIGSTOP)  # the purchase's script waits until Redis goes on
-            try:
-                connection.writer.write(
-                    _request("POST", f"/api/v1/activities/{live['id']}/orders",
-                             user_headers(settings, "h1", "k1"), b'{"quantity": 1}')
-                )  # fmt: skip
-                await connection.writer.drain()
-                await asyncio.sleep(0.3)  # read by the gateway: a separate read, surely
-                connection.writer.write(_request("GET", f"/api/v1/activities/{live['id']}", {}))
-                await connection.writer.drain()
-                await asyncio.sleep(0.3)
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            first = await _read_answer(connection.reader)
-            second = await _read_answer(connection.reader)
+    patient = settings.replace("redis", socket_timeout_s=60.0)  # a stopped Redis is not down
+    async with _start(patient, monkeypatch) as gateway, _connect(gateway) as connection:
+        await _admin(connection, settings, live)
+        await _warm(connection, gateway)
+        pid = redis_server._process.pid  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGSTOP)  # the purchase's script waits until Redis goes on
+        try:
+            connection.writer.write(
+                _request("POST", f"/api/v1/activities/{live['id']}/orders",
+                         user_headers(settings, "h1", "k1"), b'{"quantity": 1}')
+            )  # fmt: skip
+            await asyncio.wait_for(taken.wait(), 30)
+            connection.writer.write(_request("GET", f"/api/v1/activities/{live['id']}", {}))
+            await asyncio.wait_for(held.wait(), 30)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        first = await _read_answer(connection.reader)
+        second = await _read_answer(connection.reader)
     assert (first.status, second.status) == (202, 200)
-    assert held, "the read arrived while the lane's purchase was in progress"
+    assert json.loads(first.body)["activity_id"] == json.loads(second.body)["id"] == live["id"]
     assert gateway.routed == []
 
 
