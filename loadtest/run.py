@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         locustfile = str(HERE / "locustfile.py")
         master = [sys.executable, "-m", "locust", "-f", locustfile, "--headless", "--host", url,
                   "--csv", str(args.out / "seckill"), "--html", str(args.out / "report.html"),
-                  "--only-summary", "--loglevel", "WARNING"]  # fmt: skip
+                  "--only-summary", "--loglevel", "INFO"]  # fmt: skip
         workers = []
         if args.workers:
             master += ["--master", "--expect-workers", str(args.workers)]
@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             worker.wait(60)
         # the largest locust process's peak (ru_maxrss of the children waited for, in KiB)
         peak_rss_mb = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+        for line in locust.stderr.splitlines():
+            if "missing" in line or "Timeout waiting" in line:
+                print(f"locust: {line.strip()}", file=sys.stderr)  # a worker lost: a short test
         if locust.returncode not in (0, 1):  # 1: some requests failed, judged below
             print(locust.stderr[-3000:], file=sys.stderr)
             return 2
