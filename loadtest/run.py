@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE))
 from verdict import (  # noqa: E402
     MAX_SHOPPERS_REFUSED,
     MAX_WIN_RATIO,
+    MIN_SHOPPERS_ANSWERED,
     Fairness,
     judge,
     read_stats,
@@ -164,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-win-ratio", type=float, default=MAX_WIN_RATIO)
     parser.add_argument("--max-shoppers-refused", type=float, default=MAX_SHOPPERS_REFUSED)
+    parser.add_argument(
+        "--min-shoppers-answered", type=float, default=MIN_SHOPPERS_ANSWERED,
+        help="share of shoppers that must get an answer before the run ends (FAIL below it)",
+    )  # fmt: skip
     parser.add_argument(
         "--break-invariant", action="store_true", help=argparse.SUPPRESS
     )  # tests: corrupt the store before judging, so FAIL can be seen to happen
@@ -321,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             args.max_win_ratio,
             args.max_shoppers_refused,
             draw_verified=None if draw is None else bool(draw.get("verified")),
+            answered=answered,
+            min_answered=args.min_shoppers_answered,
         )
         print(render(verdict, report, stats, outcomes, reached, args.users, fairness, draw))
         print(

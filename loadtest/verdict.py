@@ -22,6 +22,9 @@ class Verdict:
 # rules refuse at most one shopper in 200
 MAX_WIN_RATIO = 1.0
 MAX_SHOPPERS_REFUSED = 0.005
+# and the storm was served: at most one shopper in 100 never got an answer to its buy (or its
+# place in the queue) before the run ended
+MIN_SHOPPERS_ANSWERED = 0.99
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,21 @@ def judge(
     max_ratio: float = MAX_WIN_RATIO,
     max_refused: float = MAX_SHOPPERS_REFUSED,
     draw_verified: bool | None = None,
+    answered: int | None = None,
+    min_answered: float = MIN_SHOPPERS_ANSWERED,
 ) -> Verdict:
     """PASS iff nothing was oversold, no user went over the limit, every order is stored,
     (given ``fairness``) bots won no more often per head than shoppers and risk rules refused
-    few enough shoppers, and (a lottery: ``draw_verified`` not None) the draw verified."""
+    few enough shoppers, (given ``answered``) at least ``min_answered`` of the shoppers were
+    answered, and (a lottery: ``draw_verified`` not None) the draw verified."""
     reasons: list[str] = []
+    if answered is not None and fairness is not None and fairness.shoppers:
+        share = answered / fairness.shoppers
+        if share < min_answered:
+            reasons.append(
+                f"NOT SERVED: {answered} of {fairness.shoppers} shoppers answered ({share:.1%};"
+                f" at least {min_answered:.0%})"
+            )
     if draw_verified is False:
         reasons.append("DRAW NOT VERIFIED: `seckill draw verify` did not verify the lottery")
     sold = report["reserved"] + report["paid"]

@@ -83,6 +83,14 @@ def test_the_fairness_bar_is_exactly_one_to_one() -> None:
     assert not judge(GOOD, set(), Fairness(1000, 20, 100, 2, 5), max_ratio=0.99).passed
 
 
+def test_a_run_that_left_shoppers_unanswered_fails() -> None:
+    # a test that ended before the storm was served (a lost load generator) proves nothing
+    assert judge(GOOD, set(), FAIR, answered=990).passed
+    verdict = judge(GOOD, set(), FAIR, answered=81)
+    assert not verdict.passed
+    assert any("NOT SERVED: 81 of 1000" in r for r in verdict.reasons), verdict.reasons
+
+
 def test_a_draw_that_does_not_verify_fails() -> None:
     assert judge(GOOD, set(), FAIR, draw_verified=True).passed
     verdict = judge(GOOD, set(), FAIR, draw_verified=False)
