@@ -250,7 +250,7 @@ class EdgeProtocol(RequestHandler):
             return
         lane = self._edge.lane
         self._lane_write(task.result(), lane is not None and lane.draining)
-        held, self._held = self._held, []
+        held, self._held, self._held_bytes = self._held, [], 0
         if self._held_paused:
             self._held_paused = False
             if self.transport is not None:
@@ -260,7 +260,7 @@ class EdgeProtocol(RequestHandler):
 
     def _hold(self, data: bytes) -> None:
         self._held.append(data)
-        self._held_bytes = sum(len(chunk) for chunk in self._held)
+        self._held_bytes += len(data)
         if self._held_bytes > _HELD_MAX and not self._held_paused and self.transport is not None:
             self._held_paused = True
             self.transport.pause_reading()

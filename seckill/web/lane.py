@@ -148,20 +148,15 @@ class ProtocolLane:
             decided = order_decision(services, headers, remote, activity_id, user_id, tier, raw)
             if not isinstance(decided, Decision):
                 # Redis decides: the task owns the in-flight slot from here
-                task = asyncio.get_running_loop().create_task(
-                    self._later(activity_id, decided, started)
-                )
-                started = 0.0
-                return task
+                loop = asyncio.get_running_loop()
+                return loop.create_task(self._later(activity_id, decided, started))
             data, outcome = answers.decision(activity_id, decided)
         except SeckillError as exc:
             data, outcome = answers.raised(exc), exc.code
         except Exception as exc:
             _log_unexpected(message, exc)
             data, outcome = answers.plain(500, "internal", "internal error"), "internal"
-        finally:
-            if started:
-                services.in_flight -= 1
+        services.in_flight -= 1
         metrics.count(ROUTE, outcome)
         metrics.latencies.observe(ROUTE, time.perf_counter() - started)
         return data

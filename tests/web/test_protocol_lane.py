@@ -190,7 +190,11 @@ async def test_every_laned_answer_is_the_routed_answer_byte_for_byte(
                 if answer.status == 429:
                     limited.append(answer)
                     break
+        metrics = await connection.ask(_request("GET", "/metrics", {}))
     assert len(limited) == 2
+    # every laned request gave its in-flight slot back (the scrape itself holds one)
+    assert b"\nseckill_in_flight 1.0\n" in metrics.body
+    assert b'seckill_requests_total{endpoint="order_create",outcome="sold_out"} 2.0' in metrics.body
     assert limited[0].without_date() == limited[1].without_date()
     assert dict(limited[0].headers)["RateLimit-Remaining"] == "0"
     # only the routed halves reached aiohttp's handlers (the healthz and admin calls have none)
