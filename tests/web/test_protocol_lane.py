@@ -89,6 +89,12 @@ def _request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+def _order(settings: Settings, activity_id: str, user: str = "u1", key: str = "k1") -> bytes:
+    """One shopper's order POST of one unit."""
+    headers = user_headers(settings, user, key)
+    return _request("POST", f"/api/v1/activities/{activity_id}/orders", headers, b'{"quantity": 1}')
+
+
 async def _read_answer(reader: asyncio.StreamReader) -> Answer:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
     status_line, *fields = head.decode().split("\r\n")[:-2]
@@ -158,35 +164,20 @@ async def test_every_laned_answer_is_the_routed_answer_byte_for_byte(
             for path in (laned, laned + "?via=router"):
                 answers.append(await connection.ask(_request("POST", path, headers, body)))
             pairs.append(answers)
+        async def buy(user: str, key: str, routed: bool = False) -> Answer:
+            path = f"/api/v1/activities/{live['id']}/orders" + ("?via=router" if routed else "")
+            headers = user_headers(settings, user, key)
+            return await connection.ask(_request("POST", path, headers, b'{"quantity": 1}'))
+
         # a purchase, then its replay: the routed one is another user's (its own order id)
-        won = await connection.ask(
-            _request("POST", f"/api/v1/activities/{live['id']}/orders",
-                     user_headers(settings, "w1", "k1"), b'{"quantity": 1}')
-        )  # fmt: skip
-        replayed = await connection.ask(
-            _request("POST", f"/api/v1/activities/{live['id']}/orders",
-                     user_headers(settings, "w1", "k1"), b'{"quantity": 1}')
-        )  # fmt: skip
-        routed_won = await connection.ask(
-            _request("POST", f"/api/v1/activities/{live['id']}/orders?via=router",
-                     user_headers(settings, "w2", "k1"), b'{"quantity": 1}')
-        )  # fmt: skip
-        limit = await connection.ask(
-            _request("POST", f"/api/v1/activities/{live['id']}/orders",
-                     user_headers(settings, "w1", "k2"), b'{"quantity": 1}')
-        )  # fmt: skip
-        routed_limit = await connection.ask(
-            _request("POST", f"/api/v1/activities/{live['id']}/orders?via=router",
-                     user_headers(settings, "w2", "k2"), b'{"quantity": 1}')
-        )  # fmt: skip
+        won, replayed = await buy("w1", "k1"), await buy("w1", "k1")
+        routed_won = await buy("w2", "k1", routed=True)
+        limit, routed_limit = await buy("w1", "k2"), await buy("w2", "k2", routed=True)
         # the user's Redis bucket (burst 10, 5/s): well within 60 tries one of them is a 429
         limited = []
-        for user, suffix in (("r1", ""), ("r2", "?via=router")):
+        for user, routed in (("r1", False), ("r2", True)):
             for n in range(60):
-                answer = await connection.ask(
-                    _request("POST", f"/api/v1/activities/{live['id']}/orders{suffix}",
-                             user_headers(settings, user, f"r{n}"), b'{"quantity": 1}')
-                )  # fmt: skip
+                answer = await buy(user, f"r{n}", routed)
                 if answer.status == 429:
                     limited.append(answer)
                     break
@@ -260,10 +251,7 @@ async def test_a_connection_served_only_by_the_lane_is_closed_once_idle(
         await _admin(connection, settings, gone)
     async with _connect(gateway) as connection:
         await _warm(connection, gateway)
-        answer = await connection.ask(
-            _request("POST", f"/api/v1/activities/{gone['id']}/orders",
-                     user_headers(settings, "u1", "k1"), b'{"quantity": 1}')
-        )  # fmt: skip
+        answer = await connection.ask(_order(settings, gone["id"]))
         assert answer.status == 409
         assert gateway.routed == []  # the lane's answer
         # keep-alive is 2 s here: the gateway closes the idle connection (EOF), well before 30 s
@@ -278,10 +266,7 @@ async def test_with_the_lane_off_aiohttp_answers_every_order(
         async with _connect(gateway) as connection:
             await _admin(connection, settings, gone)
             await _warm(connection, gateway)
-            answer = await connection.ask(
-                _request("POST", f"/api/v1/activities/{gone['id']}/orders",
-                         user_headers(settings, "u1", "k1"), b'{"quantity": 1}')
-            )  # fmt: skip
+            answer = await connection.ask(_order(settings, gone["id"]))
         assert answer.status == 409
         assert gateway.routed == [f"/api/v1/activities/{gone['id']}/orders"]
 
@@ -329,10 +314,7 @@ async def test_what_arrives_while_the_lane_waits_on_redis_is_answered_after_it(
         pid = redis_server._process.pid  # type: ignore[union-attr]
         os.kill(pid, signal.SIGSTOP)  # the purchase's script waits until Redis goes on
         try:
-            connection.writer.write(
-                _request("POST", f"/api/v1/activities/{live['id']}/orders",
-                         user_headers(settings, "h1", "k1"), b'{"quantity": 1}')
-            )  # fmt: skip
+            connection.writer.write(_order(settings, live["id"], "h1"))
             await asyncio.wait_for(taken.wait(), 30)
             connection.writer.write(_request("GET", f"/api/v1/activities/{live['id']}", {}))
             await asyncio.wait_for(held.wait(), 30)
