@@ -84,6 +84,9 @@ class DenyList:
         # "<kind>:<hash>" -> expires_at_ms (None: until deleted)
         self._entries: dict[str, int | None] = {}
         self._version: bytes | None = b"?"  # never a real version: the first resync loads
+        # Reads and admin changes of this process take turns: a resync that read the list
+        # before a DELETE must not land after it and bring the subject back.
+        self._turn = asyncio.Lock()
         self._closed = False
 
     # -- the request path: local reads only ------------------------------------------------
@@ -125,13 +128,14 @@ class DenyList:
     ) -> dict[str, Any]:
         """List a subject (replacing its entry); audited, in effect everywhere within 1 s."""
         member = self.member(kind, value)
-        reply = await self._scripts.risk_deny(
-            self._client,
-            _DENY_KEYS,
-            [member, "put", "" if ttl_s is None else ttl_s, reason, who, keys.EVENTS_CHANNEL],
-        )
-        expires = reply[0].decode()
-        self._entries[member] = int(expires) if expires else None
+        async with self._turn:
+            reply = await self._scripts.risk_deny(
+                self._client,
+                _DENY_KEYS,
+                [member, "put", "" if ttl_s is None else ttl_s, reason, who, keys.EVENTS_CHANNEL],
+            )
+            expires = reply[0].decode()
+            self._entries[member] = int(expires) if expires else None
         return {
             "kind": kind,
             "subject": member,
@@ -142,10 +146,11 @@ class DenyList:
     async def delete(self, kind: str, value: str, who: str) -> dict[str, Any]:
         """Take a subject off the list; audited. ``deleted`` says whether it was listed."""
         member = self.member(kind, value)
-        reply = await self._scripts.risk_deny(
-            self._client, _DENY_KEYS, [member, "delete", "", "", who, keys.EVENTS_CHANNEL]
-        )
-        self._entries.pop(member, None)
+        async with self._turn:
+            reply = await self._scripts.risk_deny(
+                self._client, _DENY_KEYS, [member, "delete", "", "", who, keys.EVENTS_CHANNEL]
+            )
+            self._entries.pop(member, None)
         return {"kind": kind, "subject": member, "deleted": bool(reply[0])}
 
     async def listing(self, limit: int) -> list[dict[str, Any]]:
@@ -193,6 +198,10 @@ class DenyList:
 
     async def load(self) -> None:
         """Re-read the list if its version moved since the last reading."""
+        async with self._turn:
+            await self._load()
+
+    async def _load(self) -> None:
         version: Any = await self._client.get(keys.RISK_DENY_VERSION)
         if version == self._version:
             return

@@ -16,7 +16,7 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
 
-from seckill import connections, keys, personal, resources, risk
+from seckill import clock, connections, keys, personal, resources, risk
 from seckill.settings import Settings
 from seckill.web.app import create_app
 from seckill.web.state import SERVICES
@@ -332,6 +332,29 @@ async def test_deny_a_device_or_an_ip_then_delete_it(
         for e in (await (await gw.get("/admin/v1/risk/audit", headers=admin)).json())["entries"]
     ]
     assert actions == ["delete", "delete", "put"]
+
+
+async def test_a_resync_in_flight_never_brings_back_a_deleted_entry(
+    gw: Client, risk_settings: Settings, rules_path: Path
+) -> None:
+    """Once DELETE answered, the process that took it refuses nobody for that subject.
+
+    A resync that read the list before the DELETE and finished after it put the subject back
+    until the next resync (CI failed on it once): here resyncs are in flight around every
+    change, as the announcement of the previous change starts one.
+    """
+    use_rules(gw, rules_path, rules_text(deny={"mode": "enforce"}))
+    deny = gw.server.app[SERVICES].risk.deny
+    admin = admin_headers(risk_settings)
+    hashed = deny.member("device", "farm-3").partition(":")[2]
+    for _ in range(40):
+        assert (await gw.put("/admin/v1/risk/deny/device/farm-3", json={}, headers=admin)).ok
+        resyncs = [asyncio.ensure_future(deny.load()) for _ in range(4)]
+        await asyncio.sleep(0)  # each has sent its first read
+        assert (await gw.delete("/admin/v1/risk/deny/device/farm-3", headers=admin)).ok
+        assert not deny.denied("device", hashed, clock.now_ms()), "a stale resync won"
+        await asyncio.gather(*resyncs)
+        assert not deny.denied("device", hashed, clock.now_ms()), "a stale resync won"
 
 
 async def test_the_deny_list_reaches_every_gateway(
