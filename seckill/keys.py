@@ -74,6 +74,11 @@ def changes(activity_id: str) -> str:
     return f"{_tag(activity_id)}:changes"
 
 
+def fence(activity_id: str) -> str:
+    """Counter the writer bumps, then WAITs for, before it commits what it read (replicated)."""
+    return f"{_tag(activity_id)}:fence"
+
+
 def dead_letters(activity_id: str) -> str:
     """Stream of entries the writer gave up on after too many deliveries."""
     return f"{_tag(activity_id)}:dead"

@@ -83,6 +83,7 @@ class Scripts:
     holders_snapshot: Script
     transfer_out: Script
     transfer_in: Script
+    replication_fence: Script
 
     @classmethod
     def from_dir(cls, directory: Path | None = None) -> Scripts:

@@ -7,6 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from seckill.connections import Client
+from seckill.orders.fence import Fence
 from seckill.orders.retirement import Retirer
 from seckill.orders.store import OrderStore
 from seckill.orders.supervisor import Supervisor
@@ -39,6 +40,12 @@ class OrderService:
         provider: WechatPay | None = None,
     ) -> None:
         w = settings.writer
+        scripts = Scripts.from_dir()
+        self._fence = (
+            Fence(client, settings.redis.replica_wait_ms, scripts)
+            if settings.redis.durability == "replicated"
+            else None
+        )
         self.writer = Writer(
             client,
             store,
@@ -52,8 +59,8 @@ class OrderService:
                 trim_interval_s=w.trim_interval_s,
             ),
             consumer=w.consumer or None,
+            fence=self._fence,
         )
-        scripts = Scripts.from_dir()
         stock = self._stock = Stock(
             client,
             scripts,
@@ -139,4 +146,6 @@ class OrderService:
             except Exception as exc:  # the stop must complete whatever Redis or the store say
                 log.warning("final drain stopped early (%r); the rest waits in Redis", exc)
         await self._stock.close()
+        if self._fence is not None:
+            await self._fence.close()
         log.info("order writer %s stopped", self.writer.consumer)

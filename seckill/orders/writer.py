@@ -15,7 +15,8 @@ Faults, each with one meaning:
   fail by themselves are found; only those count failed attempts, and one refused
   ``max_deliveries`` times moves to the activity's dead-letter stream. An undecodable entry and
   an illegal transition go there at once. Nothing is dead-lettered while the breaker is open;
-- Redis is unreachable or answers an error (READONLY, OOM, MISCONF, NOREPLICAS, LOADING …):
+- Redis is unreachable or answers an error (READONLY, OOM, MISCONF, NOREPLICAS, LOADING …),
+  or, with durability "replicated", no replica confirms what was read (orders/fence.py):
   logged once, then counted; the loop backs off and goes on. A missing group (NOGROUP) is
   recreated. Acknowledgements that Redis refused are kept and sent first when it is back.
 """
@@ -33,7 +34,7 @@ from redis import exceptions as redis_errors
 
 from seckill.breakers import AsyncBreaker, BreakerOpen
 from seckill.connections import Client
-from seckill.errors import RedisUnavailable
+from seckill.errors import NotReplicated, RedisUnavailable
 from seckill.orders import claims, deadletters
 from seckill.orders.entries import (
     Entry,
@@ -44,6 +45,7 @@ from seckill.orders.entries import (
     decode,
     is_orders,
 )
+from seckill.orders.fence import Fence
 from seckill.orders.intake import Intake
 from seckill.orders.store import (
     EntryRejected,
@@ -57,8 +59,13 @@ from seckill.throttle import LocalBucket
 
 log = logging.getLogger(__name__)
 
-# What "Redis did not answer" looks like, whether raised by redis-py or by a script call.
-REDIS_AWAY: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, RedisUnavailable)
+# What "Redis did not answer" looks like, whether raised by redis-py or by a script call (or
+# "no replica holds it yet", the same for the writer: wait, read it again, never lose it).
+REDIS_AWAY: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    RedisUnavailable,
+    NotReplicated,
+)
 # ... or answer with an error reply (READONLY, OOM, MISCONF, NOREPLICAS, NOGROUP …).
 REDIS_FAULTS: tuple[type[BaseException], ...] = (*REDIS_AWAY, redis_errors.ResponseError)
 
@@ -97,6 +104,8 @@ class WriterStats:
 
 def _fault_kind(exc: BaseException) -> str:
     """A short, bounded name for a Redis fault: the error reply's code, or "connection"."""
+    if isinstance(exc, NotReplicated):
+        return "not_replicated"
     if isinstance(exc, redis_errors.ResponseError):
         if type(exc) is not redis_errors.ResponseError:
             return type(exc).__name__  # redis-py strips the code of the replies it maps
@@ -112,10 +121,13 @@ class Writer:
         store: OrderStore,
         config: WriterConfig | None = None,
         consumer: str | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.config = config or WriterConfig()
+        # durability "replicated": nothing read goes to the store before a replica holds it
+        self.fence = fence
         self.slot = claims.ConsumerSlot(client, consumer)
         self.stats = WriterStats()
         # open after a few outages in a row: the database is then left alone for a while
@@ -300,6 +312,9 @@ class Writer:
 
     async def _apply(self, entries: list[Entry], stop: asyncio.Event) -> None:
         """Write what decodes, dead-letter what never will; acknowledge what is stored."""
+        if self.fence is not None:
+            # unconfirmed entries stay pending: the next recovery round reads them again
+            await self.fence.confirm(entries)
         decoded: list[tuple[Entry, Item]] = []
         for entry in entries:
             try:
