@@ -125,6 +125,20 @@ class EdgeProtocol(RequestHandler):
     sends half a header block, or a megabyte of them, would hold memory and a descriptor.
     """
 
+    # aiohttp's handler has __slots__: with ours too, a write to an attribute of aiohttp's that
+    # a release renamed raises instead of quietly making a new one (the lane sets several)
+    __slots__ = (
+        "_edge",
+        "_header_bytes",
+        "_header_timer",
+        "_held",
+        "_held_bytes",
+        "_held_paused",
+        "_lane_task",
+        "_last_payload",
+        "_peer",
+    )
+
     def __init__(self, manager: web.Server, edge: Edge, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._edge = edge
@@ -190,8 +204,12 @@ class EdgeProtocol(RequestHandler):
             return
         waiter = self._waiter
         lane = self._edge.lane
-        if lane is None or waiter is None or waiter.done() or self._messages:
-            self._received(data)  # aiohttp's loop is busy (or not started): its request
+        if lane is None or waiter is None or waiter.done() or self._messages or self._paused:
+            # aiohttp's loop is busy (or not started), or the client is not reading its answers
+            # (writing paused): aiohttp's request, whose loop waits for the socket to drain
+            # and stops reading past its queue, so a client that never reads holds bounded
+            # memory
+            self._received(data)
             return
         # aiohttp's loop is idle, waiting for a request: held back while the protocol lane
         # looks at what this read brought
@@ -209,10 +227,10 @@ class EdgeProtocol(RequestHandler):
             answered = lane.take(message, payload, self._peer)  # type: ignore[arg-type]
             if answered is not None:
                 messages.popleft()
-                if self._parser is not None:
-                    self._parser.message_consumed()
                 if self._manager is not None:
                     self._manager.requests_count += 1
+                if self._parser is not None:
+                    self._parser.message_consumed()
                 if isinstance(answered, bytes):
                     self._lane_write(answered, lane.draining)
                 else:
@@ -246,15 +264,13 @@ class EdgeProtocol(RequestHandler):
         self._request_in_progress = False
         if self._handler_waiter is not None and not self._handler_waiter.done():
             self._handler_waiter.set_result(None)
-        if task.cancelled():
-            return
-        lane = self._edge.lane
-        self._lane_write(task.result(), lane is not None and lane.draining)
+        if not task.cancelled():  # cancelled: the loop is closing, nobody to answer
+            lane = self._edge.lane
+            self._lane_write(task.result(), lane is not None and lane.draining)
         held, self._held, self._held_bytes = self._held, [], 0
         if self._held_paused:
             self._held_paused = False
-            if self.transport is not None:
-                self.transport.resume_reading()
+            self._resume_reading_for_buffer()
         if held and self.transport is not None:
             self.data_received(b"".join(held))
 
@@ -263,7 +279,7 @@ class EdgeProtocol(RequestHandler):
         self._held_bytes += len(data)
         if self._held_bytes > _HELD_MAX and not self._held_paused and self.transport is not None:
             self._held_paused = True
-            self.transport.pause_reading()
+            self._pause_reading_for_buffer()  # aiohttp's own hold: one flag for both
 
     def _process_keepalive(self) -> None:
         if self._lane_task is not None:
@@ -353,6 +369,43 @@ class EdgeProtocol(RequestHandler):
         return response
 
 
+# What EdgeProtocol's lane reads or writes of aiohttp's connection handler and parser: private
+# names, so the lane runs only on an aiohttp that has every one (pyproject pins the release).
+_HANDLER_INTERNALS = (
+    "_waiter",
+    "_messages",
+    "_parser",
+    "_manager",
+    "_force_close",
+    "_close",
+    "_request_in_progress",
+    "_handler_waiter",
+    "_keepalive",
+    "_keepalive_handle",
+    "_keepalive_timeout",
+    "_next_keepalive_close_time",
+    "_process_keepalive",
+    "_request_count",
+    "_paused",
+    "_pause_reading_for_buffer",
+    "_resume_reading_for_buffer",
+)
+
+
+def lane_internals_missing() -> list[str]:
+    """The aiohttp internals the order lane needs that this aiohttp lacks (none: lane on)."""
+    from aiohttp import http_parser
+
+    missing = [name for name in _HANDLER_INTERNALS if not hasattr(RequestHandler, name)]
+    parsers = {http_parser.HttpRequestParser, http_parser.HttpRequestParserPy}
+    missing += [
+        f"{parser.__name__}.message_consumed"
+        for parser in parsers
+        if not hasattr(parser, "message_consumed")
+    ]
+    return missing
+
+
 class EdgeSite(web.TCPSite):
     """A TCP site whose connections are EdgeProtocol's."""
 
@@ -387,11 +440,14 @@ async def serve_until_signal(
     until: Awaitable[object] | None = None,
     with_orders: bool = False,
     fake_wechatpay: bool = False,
+    settle_gc: bool = False,
 ) -> None:
     """Serve until SIGINT/SIGTERM (or ``until``): stop accepting, finish in-flight, return.
 
     ``with_orders`` also runs the order writer and expiry sweeper in this process (`up`);
-    ``fake_wechatpay`` runs a local WeChat Pay beside it, wired to it (`up --fake-wechatpay`).
+    ``fake_wechatpay`` runs a local WeChat Pay beside it, wired to it (`up --fake-wechatpay`);
+    ``settle_gc`` tunes the process's cycle collector for serving (the CLI's processes, which
+    serve and nothing else: a process that hosts a gateway among other work keeps its own).
     """
     app = create_app(settings)
     orders: OrderService | None = None
@@ -402,7 +458,15 @@ async def serve_until_signal(
     edge.add_metrics(app[SERVICES].metrics)
     # the lane writes answers itself: only while nothing hooks into aiohttp's responses
     if not app.on_response_prepare and settings.server.order_lane:
-        edge.lane = ProtocolLane(app[SERVICES])
+        missing = lane_internals_missing()
+        if missing:
+            log.warning(
+                "order lane off: this aiohttp lacks what it uses (%s); every request goes"
+                " through aiohttp's loop",
+                ", ".join(missing),
+            )
+        else:
+            edge.lane = ProtocolLane(app[SERVICES])
     runner = web.AppRunner(
         app,
         access_log=None,  # a storm of access lines would cost more than the requests
@@ -436,7 +500,8 @@ async def serve_until_signal(
         orders_task = asyncio.create_task(
             orders.run(stop_orders, final_drain_s=settings.server.shutdown_timeout_s)
         )
-    settle_garbage_collector()  # everything is up: the rest is serving
+    if settle_gc:
+        settle_garbage_collector()  # everything is up: the rest is serving
     if on_ready is not None:
         on_ready(url)
 
@@ -596,7 +661,7 @@ async def _drain(site: web.TCPSite, services: Services, timeout_s: float) -> Non
 
 def _worker(settings: Settings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM stops us
-    uvloop.run(serve_until_signal(settings, reuse_port=True))
+    uvloop.run(serve_until_signal(settings, reuse_port=True, settle_gc=True))
 
 
 def serve(
@@ -614,6 +679,7 @@ def serve(
                 on_ready=on_ready,
                 with_orders=with_orders,
                 fake_wechatpay=fake_wechatpay,
+                settle_gc=True,
             )
         )
         return 0
