@@ -87,6 +87,7 @@ class DenyList:
         # Reads and admin changes of this process take turns: a resync that read the list
         # before a DELETE must not land after it and bring the subject back.
         self._turn = asyncio.Lock()
+        self._load_queued = False  # an announced resync still waits for its turn
         self._closed = False
 
     # -- the request path: local reads only ------------------------------------------------
@@ -217,16 +218,26 @@ class DenyList:
         events.on("risk", lambda _subject: self._spawn_load(), self.load)
 
     def _spawn_load(self) -> None:
-        task = asyncio.ensure_future(self._load_quietly())
+        if self._load_queued:
+            return  # one resync that has not read yet covers every announcement so far
+        self._load_queued = True
+        task = asyncio.ensure_future(self._load_quietly(announced=True))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def _load_quietly(self) -> None:
+    async def _load_quietly(self, announced: bool = False) -> None:
         try:
-            await self.load()
+            async with self._turn:
+                if announced:
+                    # what is announced from here on needs a reading after this one
+                    self._load_queued = announced = False
+                await self._load()
         except _RESYNC_FAULTS as exc:
             # a resync that fails keeps the last list; the loop goes on
             reraise_pending_cancel()
             log.warning("could not re-read the deny list (%s); keeping the last one", exc)
+        finally:
+            if announced:  # cancelled before its turn
+                self._load_queued = False
 
     def close(self) -> None:
         self._closed = True

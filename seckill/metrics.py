@@ -171,6 +171,11 @@ class Metrics:
             ("acks_deferred", "Stored entries whose XACK waited for Redis to take writes again"),
             ("redis_errors", "Writer rounds ended by Redis unreachable or an error reply"),
             ("consumers_forgotten", "Gone writers removed from the consumer group"),
+            (
+                "entries_gone",
+                "Entries read that a failover took out of Redis before a replica"
+                " had them, never stored (durability replicated)",
+            ),
         ):
             self.readings.add(
                 f"seckill_writer_{field}_total", doc, "counter", [], count(writer.stats, field)

@@ -271,7 +271,7 @@ class EdgeProtocol(RequestHandler):
         if self._held_paused:
             self._held_paused = False
             self._resume_reading_for_buffer()
-        if held and self.transport is not None:
+        if held and self.transport is not None and not task.cancelled():
             self.data_received(b"".join(held))
 
     def _hold(self, data: bytes) -> None:

@@ -100,6 +100,7 @@ class WriterStats:
     redis_errors: int = 0  # Redis unreachable or answering an error, by loop round
     consumers_forgotten: int = 0
     trimmed: int = 0
+    entries_gone: int = 0  # read, then lost by Redis in a failover before a replica had them
 
 
 def _fault_kind(exc: BaseException) -> str:
@@ -128,6 +129,7 @@ class Writer:
         self.config = config or WriterConfig()
         # durability "replicated": nothing read goes to the store before a replica holds it
         self.fence = fence
+        self._waiting_for_replica = False
         self.slot = claims.ConsumerSlot(client, consumer)
         self.stats = WriterStats()
         # open after a few outages in a row: the database is then left alone for a while
@@ -237,7 +239,8 @@ class Writer:
         self.faults[kind] += 1
 
     def _recovered_from_faults(self) -> None:
-        if self.faults:
+        # a round that read nothing says nothing of a replica still missing
+        if self.faults and not self._waiting_for_replica:
             log.info("Redis answers again; faults meanwhile: %s", dict(self.faults))
             self.faults.clear()
 
@@ -279,42 +282,47 @@ class Writer:
     # -- recovery: own pending entries, gone writers' entries --------------------------------
 
     async def _recover(self, stop: asyncio.Event, own_any_age: bool) -> None:
-        size = self.config.batch_size
         for stream in list(self.intake.streams):
-            after = "-"
-            # our own first: on start every one (a batch killed between commit and XACK),
-            # later the ones refused and due for another attempt
-            while not stop.is_set():
-                idle = 0 if own_any_age else self.config.retry_idle_ms
-                entries = await claims.own_pending(
-                    self.client, stream, self.consumer, idle, size, after
-                )
-                if entries:
-                    await self._apply(entries, stop)
-                if len(entries) < size:
-                    break
-                after = "(" + entries[-1].entry_id
-            cursor = "0-0"
-            while not stop.is_set():
-                entries, cursor = await claims.take_over(
-                    self.client, stream, self.consumer, self.config.claim_idle_ms, size, cursor
-                )
-                if entries:
-                    log.info("took over %d entries of %s from a writer gone", len(entries), stream)
-                    await self._apply(entries, stop)
-                if cursor == "0-0":
-                    break
-            self.stats.consumers_forgotten += await claims.forget_gone(
-                self.client, stream, self.consumer, self.config.claim_idle_ms
+            try:
+                await self._recover_stream(stream, stop, own_any_age)
+            except NotReplicated as exc:
+                self._fault(exc)  # this key space's replica is missing: the others go on
+
+    async def _recover_stream(self, stream: str, stop: asyncio.Event, own_any_age: bool) -> None:
+        size = self.config.batch_size
+        after = "-"
+        # our own first: on start every one (a batch killed between commit and XACK),
+        # later the ones refused and due for another attempt
+        while not stop.is_set():
+            idle = 0 if own_any_age else self.config.retry_idle_ms
+            entries = await claims.own_pending(
+                self.client, stream, self.consumer, idle, size, after
             )
+            if entries:
+                await self._apply(entries, stop)
+            if len(entries) < size:
+                break
+            after = "(" + entries[-1].entry_id
+        cursor = "0-0"
+        while not stop.is_set():
+            entries, cursor = await claims.take_over(
+                self.client, stream, self.consumer, self.config.claim_idle_ms, size, cursor
+            )
+            if entries:
+                log.info("took over %d entries of %s from a writer gone", len(entries), stream)
+                await self._apply(entries, stop)
+            if cursor == "0-0":
+                break
+        self.stats.consumers_forgotten += await claims.forget_gone(
+            self.client, stream, self.consumer, self.config.claim_idle_ms
+        )
 
     # -- writing ----------------------------------------------------------------------------
 
     async def _apply(self, entries: list[Entry], stop: asyncio.Event) -> None:
         """Write what decodes, dead-letter what never will; acknowledge what is stored."""
         if self.fence is not None:
-            # unconfirmed entries stay pending: the next recovery round reads them again
-            await self.fence.confirm(entries)
+            entries = await self._fenced(entries)
         decoded: list[tuple[Entry, Item]] = []
         for entry in entries:
             try:
@@ -330,6 +338,30 @@ class Writer:
         with contextlib.suppress(StoreUnavailable):  # stopping while the store is away
             for start in range(0, len(decoded), self._rows_cap):
                 await self._store(decoded[start : start + self._rows_cap], stop)
+
+    async def _fenced(self, entries: list[Entry]) -> list[Entry]:
+        """The entries a replica holds; the others stay pending (read again) or are gone.
+
+        NotReplicated when no key space of the batch was confirmed (a Redis fault to the loop).
+        """
+        assert self.fence is not None
+        fenced = await self.fence.sort(entries)
+        for entry in fenced.gone:
+            # its buyer got a 503 (no replica confirmed it) and the promoted replica never had
+            # it: no order to store, and nothing of it left in Redis to acknowledge
+            self.stats.entries_gone += 1
+            log.warning(
+                "entry %s of %s was lost by Redis in a failover before a replica had it;"
+                " not stored",
+                entry.entry_id,
+                entry.stream,
+            )
+        self._waiting_for_replica = bool(fenced.waiting)
+        if fenced.waiting and fenced.fault is not None:
+            if not fenced.held:
+                raise fenced.fault
+            self._fault(fenced.fault)
+        return fenced.held
 
     async def _store(self, pairs: list[tuple[Entry, Item]], stop: asyncio.Event) -> None:
         """One transaction; on EntryRejected, halves until the entries refused alone are found."""

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from seckill.activities import Activity
 from seckill.embedded import EmbeddedRedis, free_port
 from seckill.orders.fence import Fence
+from seckill.orders.intake import Intake
 from seckill.orders.store import OrderStore, open_store
 from seckill.orders.writer import Writer, WriterConfig
 from seckill.scripts import Coalescer, Scripts
@@ -125,6 +126,44 @@ async def test_the_writer_stores_only_what_a_replica_holds(
     finally:
         stop.set()
         await asyncio.wait_for(running, 30)
+        await stock.close()
+        await fence.close()
+        await client.aclose()
+
+
+async def test_an_entry_the_node_no_longer_holds_is_never_stored(
+    pair: tuple[EmbeddedRedis, EmbeddedRedis], store: OrderStore
+) -> None:
+    """After a failover the fence may run on the promoted node, which never had an entry the
+    old primary gave the writer: that entry is not stored, the others are.
+
+    The promoted node's stream is the old one without that entry; here the entry is deleted
+    after it was read, which leaves the stream the same way.
+    """
+    primary, _ = pair
+    client = Redis(host=HOST, port=primary.port, max_connections=16)
+    stock = Stock(client, Scripts.from_dir(), Coalescer(client, max_batch=16, in_flight=2), 90_000)
+    fence = Fence(client, replica_wait_ms=2000)
+    writer = Writer(client, store, fence=fence)
+    now = int(time.time() * 1000)
+    try:
+        await stock.put_activity(
+            Activity(ACTIVITY, "sku", "t", 100, 100, 1, now - 60_000, now + 3_600_000, 900)
+        )
+        for n in range(3):
+            assert (await stock.reserve(ACTIVITY, f"u{n}", "k", 1)).outcome is Outcome.OK
+        intake = Intake(client, batch_size=100, block_ms=50)
+        await intake.discover()
+        entries = await intake.read("w1", block=False)
+        assert len(entries) == 3
+        lost = entries[1]
+        await client.xdel(lost.stream, lost.entry_id)
+        fenced = await fence.sort(entries)
+        assert fenced.gone == [lost] and fenced.held == [entries[0], entries[2]]
+        await writer._apply(entries, asyncio.Event())
+        assert await store.count(ACTIVITY) == 2
+        assert writer.stats.entries_gone == 1 and writer.stats.dead_letters == 0
+    finally:
         await stock.close()
         await fence.close()
         await client.aclose()
