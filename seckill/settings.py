@@ -65,6 +65,11 @@ class RedisSettings:
     durability: str
     replica_wait_ms: int
 
+    @property
+    def replica_wait(self) -> int | None:
+        """Milliseconds an accepted order waits for a replica; None with durability "local"."""
+        return self.replica_wait_ms if self.durability == "replicated" else None
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DatabaseSettings:

@@ -41,11 +41,8 @@ class OrderService:
     ) -> None:
         w = settings.writer
         scripts = Scripts.from_dir()
-        self._fence = (
-            Fence(client, settings.redis.replica_wait_ms, scripts)
-            if settings.redis.durability == "replicated"
-            else None
-        )
+        wait_ms = settings.redis.replica_wait
+        self._fence = Fence(client, wait_ms, scripts) if wait_ms is not None else None
         self.writer = Writer(
             client,
             store,

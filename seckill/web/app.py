@@ -57,12 +57,6 @@ def redis_client(settings: Settings) -> Client:
     return connections.connect(settings.redis)
 
 
-def replica_wait_ms(settings: Settings) -> int | None:
-    """How long each coalesced batch waits for a replica; None with durability "local"."""
-    redis = settings.redis
-    return redis.replica_wait_ms if redis.durability == "replicated" else None
-
-
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     try:
@@ -164,7 +158,7 @@ def create_app(settings: Settings) -> web.Application:
         client,
         max_batch=settings.redis.pipeline_max,
         in_flight=settings.redis.pipelines_in_flight,
-        replica_wait_ms=replica_wait_ms(settings),
+        replica_wait_ms=settings.redis.replica_wait,
     )
     catalog = Catalog(
         client,

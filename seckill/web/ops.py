@@ -50,7 +50,7 @@ async def _probe(services: Services) -> str | None:
         await services.redis.ping()
         if not await services.scripts.loaded(services.redis):
             await services.scripts.load(services.redis)
-        if services.settings.redis.durability == "replicated":
+        if services.settings.redis.replica_wait is not None:
             answer = await _replica_missing(services)
     except CONNECTION_ERRORS:
         answer = "Redis is unreachable"
