@@ -83,7 +83,6 @@ class Retirer:
         removed = 0
         for activity_id in await key_spaces(self.client):  # the buckets' orders retire too
             removed += await self._retire_activity(activity_id, now_ms)
-        self.stats.retired += removed
         self.stats.passes += 1
         return removed
 
@@ -110,6 +109,8 @@ class Retirer:
                 self.client, keys.retire_keys(activity_id), args
             )
             removed += int(reply[0])
+            # counted as they leave: a pass that fails further on has still removed these
+            self.stats.retired += int(reply[0])
             if len(ids) < self.batch_size or int(reply[0]) == 0:
                 # the rest is newer than what the store has not caught up with yet: next pass
                 break
