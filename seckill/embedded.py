@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import redis
@@ -92,6 +92,7 @@ class EmbeddedRedis:
         maxmemory: str = "1gb",
         config_file: Path | None = None,
         extra_args: Sequence[str] = (),
+        pick_port: Callable[[], int] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.appendfsync = appendfsync
@@ -101,6 +102,8 @@ class EmbeddedRedis:
         # node's, a replica's): seckill.topology builds its nodes from these
         self.config_file = config_file
         self.extra_args = tuple(extra_args)
+        # how a port is drawn when none is given (a cluster node's bus port must be free too)
+        self._pick_port = pick_port or free_port
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -120,7 +123,7 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         chosen = self.port
         for _ in range(1 if chosen else 5):
-            self.port = chosen or free_port()
+            self.port = chosen or self._pick_port()
             try:
                 self._launch(binary, timeout_s)
             except _PortTaken:

@@ -136,7 +136,7 @@ class Cluster(Topology):
                 base_dir / f"node{index}",
                 appendfsync="no",
                 maxmemory="256mb",
-                port=_cluster_port(),
+                pick_port=_cluster_port,  # drawn as it starts: again if taken meanwhile
                 extra_args=(
                     "--cluster-enabled",
                     "yes",
@@ -247,23 +247,32 @@ class Sentinels(Topology):
     """One primary, ``replicas`` replicas and ``sentinels`` Sentinels watching them."""
 
     def __init__(self, base_dir: Path, replicas: int = 1, sentinels: int = 3) -> None:
-        primary_port = free_port()
-        self.primary = EmbeddedRedis(
-            base_dir / "primary", appendfsync="no", maxmemory="256mb", port=primary_port
-        )
+        self._base_dir = base_dir
+        self._replica_count = replicas
+        self._sentinel_count = sentinels
+        # every port is drawn as its node starts (and drawn again if another process took it
+        # meanwhile); the replicas and the sentinels are made once the primary's is known
+        self.primary = EmbeddedRedis(base_dir / "primary", appendfsync="no", maxmemory="256mb")
+        self.replicas: list[EmbeddedRedis] = []
+        self.sentinels: list[EmbeddedRedis] = []
+        self.nodes = [self.primary]
+
+    def _around(self, primary_port: int) -> None:
+        """The replicas and the sentinels of the primary on ``primary_port``."""
+        base = self._base_dir
         self.replicas = [
             EmbeddedRedis(
-                base_dir / f"replica{index}",
+                base / f"replica{index}",
                 appendfsync="no",
                 maxmemory="256mb",
-                port=free_port(),
                 extra_args=("--replicaof", HOST, str(primary_port)),
             )
-            for index in range(replicas)
+            for index in range(self._replica_count)
         ]
+        quorum = self._sentinel_count // 2 + 1
         self.sentinels = [
-            self._sentinel(base_dir / f"sentinel{index}", primary_port, quorum=sentinels // 2 + 1)
-            for index in range(sentinels)
+            self._sentinel(base / f"sentinel{index}", primary_port, quorum)
+            for index in range(self._sentinel_count)
         ]
         self.nodes = [self.primary, *self.replicas, *self.sentinels]
 
@@ -277,9 +286,7 @@ class Sentinels(Topology):
             f"sentinel failover-timeout {PRIMARY_NAME} {NODE_TIMEOUT_MS * 3}\n"
             f"sentinel parallel-syncs {PRIMARY_NAME} 1\n"
         )
-        return EmbeddedRedis(
-            directory, port=free_port(), config_file=config, extra_args=("--sentinel",)
-        )
+        return EmbeddedRedis(directory, config_file=config, extra_args=("--sentinel",))
 
     @property
     def url(self) -> str:
@@ -294,7 +301,10 @@ class Sentinels(Topology):
     def start(self, timeout_s: float = 60.0) -> str:
         """Start the primary, its replicas and the sentinels; wait until all see each other."""
         try:
-            for node in self.nodes:
+            self.primary.start()
+            if len(self.nodes) == 1:
+                self._around(self.primary.port)
+            for node in self.nodes[1:]:
                 node.start()
             self.wait_ok(timeout_s)
         except BaseException:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import redis
 from redis.cluster import RedisCluster
 
-from seckill.topology import HOST, PRIMARY_NAME, Cluster, Sentinels
+from seckill.embedded import EmbeddedRedis
+from seckill.topology import HOST, PRIMARY_NAME, Cluster, Sentinels, _cluster_port
 
 
 def test_cluster_spreads_slots_and_fails_over(redis_cluster: Cluster) -> None:
@@ -57,3 +61,29 @@ def test_sentinels_promote_the_replica(redis_sentinels: Sentinels) -> None:
     direct = redis.Redis(host=HOST, port=redis_sentinels.master().port)
     assert direct.get("topology") == b"kept"
     direct.close()
+
+
+def test_a_node_whose_port_is_taken_before_it_binds_draws_another(tmp_path: Path) -> None:
+    """A topology's node draws its port as it starts, and again when another process took it
+    meanwhile (a cluster node once failed a fresh-clone run: its port, drawn when the cluster
+    was built, was taken by the time it started)."""
+    with socket.socket() as held:
+        held.bind((HOST, 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        draws = [taken]
+
+        def pick() -> int:
+            return draws.pop() if draws else _cluster_port()
+
+        node = EmbeddedRedis(
+            tmp_path / "node",
+            pick_port=pick,
+            extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+        )
+        try:
+            node.start()
+            assert node.running and node.port != taken and not draws
+            assert redis.Redis(host=HOST, port=node.port).ping()
+        finally:
+            node.stop()
