@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +174,14 @@ class EmbeddedRedis:
             command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
         )
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        # one try per probe: redis-py's default retries (10, with backoff) against whatever
+        # else listens on a taken port would outlast the deadline before the exit is seen
+        client = redis.Redis(
+            port=self.port,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
         try:
             while True:
                 if self._process.poll() is not None:
@@ -180,15 +189,15 @@ class EmbeddedRedis:
                     if _ADDRESS_IN_USE in self._log_since(logged):
                         raise _PortTaken
                     raise EmbeddedRedisError(f"redis-server exited; see {self._log}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise EmbeddedRedisError(f"redis-server did not answer within {timeout_s}s")
                 try:
                     # the one answering must be ours, not a server that won the port
                     if client.info("server")["process_id"] == self._process.pid:
                         break
                 except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
                     pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise EmbeddedRedisError(f"redis-server did not answer within {timeout_s}s")
                 time.sleep(0.05)
         finally:
             client.close()
